@@ -1,0 +1,1 @@
+//! Endpoints: `/register`, `/login`, `/logout`, `/refresh`.

@@ -1,0 +1,1 @@
+//! Passwords: argon2id hashing off the async workers.

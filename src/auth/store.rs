@@ -1,0 +1,257 @@
+//! Store: where users, revocations and (later) throttling counters live.
+//!
+//! One type, two backends: Redis for anything shared between replicas, and an embedded map
+//! (`memory://`) for `keycard dev` and single-instance use. This is the only file that knows
+//! Redis exists. Every operation is one round trip and is bounded by `store.timeout`, so a hung
+//! Redis turns into a quick 503 instead of a hung request.
+//!
+//! Key layout (all under `store.prefix`, default `keycard:`):
+//! - `<prefix>user:<username>` — string, the argon2id PHC hash; written with `SET NX`.
+//! - `<prefix>revoked:<jti>` — string `1`, expiring when the token would have.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::{StoreConfig, StoreUrl};
+
+/// Why a store operation failed. Every variant means "could not find out", so callers fail
+/// closed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or the connection broke.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// No answer within `store.timeout`.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Handle to the configured store; cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    prefix: Arc<str>,
+    timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// A single multiplexed connection that reconnects by itself.
+    Redis(ConnectionManager),
+    Memory(Arc<Mutex<MemoryMap>>),
+}
+
+/// The embedded backend: values with optional deadlines, swept lazily on access.
+#[derive(Default)]
+struct MemoryMap {
+    entries: HashMap<String, (String, Option<Instant>)>,
+    /// Writes since the last sweep of expired entries; sweeping every N writes keeps memory
+    /// bounded without a background task.
+    writes: usize,
+}
+
+impl MemoryMap {
+    fn live(&self, key: &str, now: Instant) -> Option<&String> {
+        match self.entries.get(key) {
+            Some((value, deadline)) if deadline.is_none_or(|d| d > now) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// `SET key value NX [PX ttl]`: true when written.
+    fn set_nx(&mut self, key: &str, value: &str, ttl: Option<Duration>) -> bool {
+        let now = Instant::now();
+        if self.live(key, now).is_some() {
+            return false;
+        }
+        self.writes += 1;
+        if self.writes >= 1024 {
+            self.writes = 0;
+            self.entries
+                .retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
+        }
+        self.entries
+            .insert(key.to_owned(), (value.to_owned(), ttl.map(|t| now + t)));
+        true
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.backend {
+            Backend::Redis(_) => "redis",
+            Backend::Memory(_) => "memory",
+        };
+        f.debug_struct("Store")
+            .field("backend", &kind)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the configured store. Redis connects lazily, so keycard starts (and `/readyz`
+    /// reports 503) while Redis is still coming up, and reconnects on its own afterwards.
+    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        let backend = match &config.url {
+            StoreUrl::Memory => {
+                tracing::warn!(
+                    "store is memory://: users and revocations live in this process only and are \
+                     not shared with other replicas"
+                );
+                Backend::Memory(Arc::default())
+            }
+            StoreUrl::Redis(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.timeout))
+                    .set_response_timeout(Some(config.timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                Backend::Redis(ConnectionManager::new_lazy_with_config(
+                    client,
+                    manager_config,
+                )?)
+            }
+        };
+        Ok(Store {
+            backend,
+            prefix: config.prefix.as_str().into(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// Bounds one operation by `store.timeout`.
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + name.len());
+        key.push_str(&self.prefix);
+        key.push_str(kind);
+        key.push_str(name);
+        key
+    }
+
+    /// `SET key value NX [PX ttl]` on either backend; true when this call wrote it. Atomic, so
+    /// two racing writers cannot both win.
+    async fn set_nx(&self, key: &str, value: &str, ttl: Option<Duration>) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(value).arg("NX");
+                if let Some(ttl) = ttl {
+                    cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+                }
+                let reply: Option<String> = self.bounded(cmd.query_async(&mut conn)).await?;
+                Ok(reply.is_some())
+            }
+            Backend::Memory(map) => Ok(lock(map).set_nx(key, value, ttl)),
+        }
+    }
+
+    /// Creates a user with its password hash; false when the name is taken.
+    pub async fn create_user(&self, username: &str, phc: &str) -> Result<bool, StoreError> {
+        self.set_nx(&self.key("user:", username), phc, None).await
+    }
+
+    /// The stored password hash of a user, if the user exists.
+    pub async fn user_hash(&self, username: &str) -> Result<Option<String>, StoreError> {
+        let key = self.key("user:", username);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                self.bounded(redis::cmd("GET").arg(&key).query_async(&mut conn))
+                    .await
+            }
+            Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).cloned()),
+        }
+    }
+
+    /// Revokes a `jti` for `ttl` (the token's remaining life). Returns false when it was
+    /// already revoked, which makes refresh-token rotation single-use even under a race.
+    pub async fn revoke(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.set_nx(&self.key("revoked:", jti), "1", Some(ttl)).await
+    }
+
+    /// Whether a `jti` is revoked: one `EXISTS`, the only store call on the proxied path.
+    pub async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        let key = self.key("revoked:", jti);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let n: u64 = self
+                    .bounded(redis::cmd("EXISTS").arg(&key).query_async(&mut conn))
+                    .await?;
+                Ok(n > 0)
+            }
+            Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).is_some()),
+        }
+    }
+
+    /// Whether the store answers; used by `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let _: String = self
+                    .bounded(redis::cmd("PING").query_async(&mut conn))
+                    .await?;
+                Ok(())
+            }
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// Locks the memory map. A panic while holding the lock cannot leave the map half-written
+/// (every mutation is a single insert or retain), so a poisoned lock is safe to reuse.
+fn lock(map: &Mutex<MemoryMap>) -> std::sync::MutexGuard<'_, MemoryMap> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> Store {
+        Store::open(&StoreConfig {
+            url: StoreUrl::Memory,
+            prefix: "t:".into(),
+            timeout: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn memory_create_user_is_first_writer_wins() {
+        let store = memory();
+        assert!(store.create_user("alice", "h1").await.unwrap());
+        assert!(!store.create_user("alice", "h2").await.unwrap());
+        assert_eq!(store.user_hash("alice").await.unwrap().as_deref(), Some("h1"));
+        assert_eq!(store.user_hash("bob").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn memory_revocation_expires() {
+        let store = memory();
+        assert!(!store.is_revoked("j").await.unwrap());
+        assert!(store.revoke("j", Duration::from_millis(30)).await.unwrap());
+        assert!(!store.revoke("j", Duration::from_millis(30)).await.unwrap());
+        assert!(store.is_revoked("j").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!store.is_revoked("j").await.unwrap());
+    }
+}

@@ -1,0 +1,1 @@
+//! Tokens: issuing and verifying JWTs.

@@ -1,0 +1,133 @@
+//! Errors: the one enum of per-request failures, and the one place that turns it into a
+//! response.
+//!
+//! Handlers return `Err(RequestError)` and never build error responses themselves, so every
+//! status, `{"msg"}` body and `WWW-Authenticate` header is decided here. 5xx bodies stay
+//! generic; their detail goes to the log.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+
+/// Everything that can end a request before or instead of the upstream's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No `Authorization` header on a protected route.
+    #[error("Missing Authorization Header")]
+    MissingAuth,
+    /// A token was presented but is malformed, mis-signed or of the wrong kind.
+    #[error("{0}")]
+    InvalidToken(&'static str),
+    /// The token's `exp` has passed.
+    #[error("Token has expired")]
+    Expired,
+    /// The token's `jti` is in the store's revocation list.
+    #[error("Token has been revoked")]
+    Revoked,
+    /// The store did not answer (or not in time); we fail closed.
+    #[error("Authentication store unavailable")]
+    StoreUnavailable(#[source] crate::auth::store::StoreError),
+    /// No route matches the path.
+    #[error("No route")]
+    NoRoute,
+    /// The path has dot-segments, encoded separators, NUL or `;` parameters.
+    #[error("Invalid path")]
+    InvalidPath,
+    /// A malformed request: bad body, bad field, two `Authorization` headers.
+    #[error("{0}")]
+    BadRequest(String),
+    /// `/register` for a name that exists.
+    #[error("User already exists")]
+    UserExists,
+    /// `/login` with a wrong password or unknown user (indistinguishable on purpose).
+    #[error("Bad username or password")]
+    BadCredentials,
+    /// An auth endpoint with a method it does not answer.
+    #[error("Method not allowed")]
+    MethodNotAllowed {
+        /// The `Allow` header value.
+        allow: &'static str,
+    },
+    /// An auth endpoint body over the limit.
+    #[error("Request body too large")]
+    PayloadTooLarge,
+    /// An auth endpoint body that is neither JSON nor a form.
+    #[error("Unsupported content type")]
+    UnsupportedMediaType,
+    /// Throttled (brute force or saturated hashing); the client may retry after the delay.
+    #[error("{msg}")]
+    TooManyRequests {
+        /// The message to show.
+        msg: &'static str,
+        /// Sent as `Retry-After` in whole seconds.
+        retry_after: Duration,
+    },
+    /// Password hashing is saturated; the client may retry soon.
+    #[error("Server busy")]
+    Busy {
+        /// Sent as `Retry-After` in whole seconds.
+        retry_after: Duration,
+    },
+    /// The upstream refused the connection or failed mid-request.
+    #[error("Upstream unavailable")]
+    BadGateway(String),
+    /// The upstream did not answer in time.
+    #[error("Upstream timed out")]
+    GatewayTimeout,
+    /// A bug or an unexpected failure inside keycard.
+    #[error("Internal server error")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The status code this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        use RequestError::*;
+        match self {
+            MissingAuth | InvalidToken(_) | Expired | Revoked | BadCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            StoreUnavailable(_) | Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            NoRoute => StatusCode::NOT_FOUND,
+            InvalidPath | BadRequest(_) => StatusCode::BAD_REQUEST,
+            UserExists => StatusCode::CONFLICT,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            BadGateway(_) => StatusCode::BAD_GATEWAY,
+            GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The one mapping from an error to what the client sees.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut response = body::json_msg(status, &self.to_string());
+        let headers = response.headers_mut();
+        use RequestError::*;
+        match &self {
+            MissingAuth | BadCredentials => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            InvalidToken(_) | Expired | Revoked => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            TooManyRequests { retry_after, .. } | Busy { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,39 @@
+//! keycard: an authentication gateway.
+//!
+//! keycard answers `/register`, `/login`, `/logout` and `/refresh` itself and puts every other
+//! request behind a JWT check (signature, expiry, issuer, type, and a revocation lookup in the
+//! store) before streaming it to the upstream its route names, with the caller's identity in a
+//! header the gateway alone controls.
+//!
+//! # Layout
+//!
+//! A request runs one way through the crate:
+//!
+//! ```text
+//! server (accept, HTTP/1 + HTTP/2, drain) -> gateway (request id, log, dispatch)
+//!   -> routes (canonical path, longest prefix) -> auth (token, store) -> proxy -> upstream
+//! ```
+//!
+//! - [`config`]: the TOML file parsed once into typed structs. Pure.
+//! - [`server`]: listeners, connection handling, graceful shutdown.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
+//! - [`gateway`]: the per-request service and access log.
+//! - [`error`]: the one error enum and its one mapping to responses.
+//! - [`routes`]: path canonicalisation and route matching. Pure.
+//! - [`auth`]: tokens, password hashing, the store and the auth endpoints.
+//! - [`proxy`]: header rules and the streaming upstream client.
+//! - [`dev`]: the `keycard dev` playground.
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod gateway;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+
+pub use server::{Listeners, run};
