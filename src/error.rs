@@ -50,6 +50,9 @@ pub enum RequestError {
         /// The `Allow` header value.
         allow: &'static str,
     },
+    /// The request target is longer than 8 KiB.
+    #[error("URI too long")]
+    UriTooLong,
     /// An auth endpoint body over the limit.
     #[error("Request body too large")]
     PayloadTooLarge,
@@ -95,6 +98,7 @@ impl RequestError {
             UserExists => StatusCode::CONFLICT,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UriTooLong => StatusCode::URI_TOO_LONG,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -129,5 +133,34 @@ impl RequestError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<crate::auth::token::TokenError> for RequestError {
+    fn from(e: crate::auth::token::TokenError) -> Self {
+        use crate::auth::token::TokenError;
+        match e {
+            TokenError::Expired => RequestError::Expired,
+            TokenError::Invalid(reason) => RequestError::InvalidToken(reason),
+            TokenError::Signing(detail) => RequestError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::auth::password::PasswordError> for RequestError {
+    fn from(e: crate::auth::password::PasswordError) -> Self {
+        use crate::auth::password::PasswordError;
+        match e {
+            PasswordError::Busy => RequestError::Busy {
+                retry_after: Duration::from_secs(1),
+            },
+            PasswordError::Internal(detail) => RequestError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::auth::store::StoreError> for RequestError {
+    fn from(e: crate::auth::store::StoreError) -> Self {
+        RequestError::StoreUnavailable(e)
     }
 }

@@ -1,1 +1,213 @@
-//! gateway
+//! Gateway: the per-request service. Every request on `server.listen` enters here.
+//!
+//! It gives the request an id, checks the request target, canonicalises the path once, and
+//! dispatches: auth endpoints to [`crate::auth`], everything else through the router, the token
+//! check and the [`crate::proxy`]. Whatever happens, exactly one access-log line and one metrics
+//! update are written, and errors become responses in one place ([`RequestError::into_response`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use crate::auth::Auth;
+use crate::auth::endpoints::Endpoint;
+use crate::auth::token::TokenType;
+use crate::body::Body;
+use crate::config::{AuthMode, Config};
+use crate::error::RequestError;
+use crate::metrics::Metrics;
+use crate::proxy::headers::{IdentityHeaders, is_trusted};
+use crate::proxy::{Caller, Proxy};
+use crate::routes::{self, Router};
+
+/// Longest request target accepted (path and query); longer is 414.
+pub const MAX_TARGET: usize = 8 * 1024;
+
+/// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
+/// written in the access log, so one id follows a request through every hop.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request needs, built once at startup.
+#[derive(Debug)]
+pub struct Gateway {
+    router: Router,
+    identity: IdentityHeaders,
+    trusted_proxies: Vec<IpNet>,
+    auth: Auth,
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    ids: RequestIds,
+}
+
+/// What the access log and metrics need to know about a request, filled in as it goes.
+struct Outcome {
+    route: Arc<str>,
+    user: Option<String>,
+}
+
+impl Gateway {
+    /// Compiles routes and header rules from the config.
+    pub fn new(config: &Config, auth: Auth, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            router: Router::new(&config.routes),
+            identity: IdentityHeaders::new(&config.identity),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            auth,
+            proxy: Proxy::new(&config.routes),
+            metrics,
+            ids: RequestIds::new(),
+        }
+    }
+
+    /// Answers one request; never fails (failures are responses).
+    pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let start = Instant::now();
+        let method = request.method().clone();
+        let id = self.ids.next();
+        request.headers_mut().insert(REQUEST_ID.clone(), id.clone());
+        let mut outcome = Outcome {
+            route: Arc::from("-"),
+            user: None,
+        };
+        // Logged path: the raw path without the query (queries may carry secrets), cut short
+        // so a hostile target cannot flood the log.
+        let logged_path: String = request.uri().path().chars().take(256).collect();
+
+        let mut response = match self.dispatch(request, peer, &mut outcome).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(reason) = failure_reason(&error) {
+                    self.metrics.auth_failure(reason);
+                }
+                if error.status().is_server_error() {
+                    tracing::warn!(request_id = ?id, error = %error_chain(&error), "request failed");
+                }
+                error.into_response()
+            }
+        };
+        response.headers_mut().insert(REQUEST_ID.clone(), id.clone());
+
+        let elapsed = start.elapsed();
+        let status = response.status().as_u16();
+        self.metrics.request(&outcome.route, status, elapsed);
+        tracing::info!(
+            target: "keycard::access",
+            request_id = id.to_str().unwrap_or("-"),
+            peer = %peer.ip(),
+            method = %method,
+            path = %logged_path,
+            route = %outcome.route,
+            status,
+            user = outcome.user.as_deref().unwrap_or("-"),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+        response
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, RequestError> {
+        let target_len = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |pq| pq.as_str().len());
+        if target_len > MAX_TARGET {
+            return Err(RequestError::UriTooLong);
+        }
+        let path = routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
+
+        if let Some(endpoint) = Endpoint::from_path(&path) {
+            outcome.route = Arc::from(endpoint.name());
+            let (response, user) = self.auth.endpoint(endpoint, request).await?;
+            outcome.user = user;
+            return Ok(response);
+        }
+
+        let route = self.router.find(&path).ok_or(RequestError::NoRoute)?;
+        outcome.route = Arc::from(route.path.as_str());
+        let user = match route.auth {
+            AuthMode::Required => {
+                let claims = self
+                    .auth
+                    .authenticate(request.headers(), TokenType::Access)
+                    .await?;
+                outcome.user = Some(claims.sub);
+                outcome.user.as_deref()
+            }
+            AuthMode::Public => None,
+        };
+        let caller = Caller {
+            peer: peer.ip(),
+            trusted: is_trusted(peer.ip(), &self.trusted_proxies),
+            user,
+        };
+        self.proxy
+            .forward(request, route, &path, &self.identity, caller)
+            .await
+    }
+}
+
+/// The metrics reason for an authentication refusal, if the error is one.
+fn failure_reason(error: &RequestError) -> Option<&'static str> {
+    Some(match error {
+        RequestError::MissingAuth => "missing",
+        RequestError::InvalidToken(_) => "invalid",
+        RequestError::Expired => "expired",
+        RequestError::Revoked => "revoked",
+        RequestError::StoreUnavailable(_) => "store_unavailable",
+        RequestError::BadCredentials => "bad_credentials",
+        _ => return None,
+    })
+}
+
+/// An error and its sources on one line, for the log (clients only see the generic message).
+fn error_chain(error: &RequestError) -> String {
+    let mut text = match error {
+        RequestError::BadGateway(detail) | RequestError::Internal(detail) => {
+            format!("{error}: {detail}")
+        }
+        _ => error.to_string(),
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Request ids: a random per-process prefix and a counter. Unique within a process, unlikely
+/// to collide across replicas, and no syscall per request.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: u32,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        let mut bytes = [0u8; 4];
+        // A failed getrandom only makes ids less unique across replicas; not worth failing for.
+        let _ = getrandom::fill(&mut bytes);
+        RequestIds {
+            prefix: u32::from_le_bytes(bytes),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let text = format!("{:08x}{:012x}", self.prefix, n & 0xffff_ffff_ffff);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("-"))
+    }
+}

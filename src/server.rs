@@ -1,12 +1,37 @@
-//! Server: listeners, connections, graceful shutdown.
+//! Server: the accept loops, per-connection HTTP handling, and graceful shutdown.
+//!
+//! [`run`] is the whole gateway: it opens the store, builds the [`Gateway`], and serves the
+//! public and admin listeners until the shutdown future resolves. Listeners come in already
+//! bound, so tests bind port 0 and drive the real thing in-process.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 
+use crate::auth::Auth;
+use crate::auth::store::Store;
+use crate::body::Body;
 use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+/// Largest request head hyper will buffer: 32 KiB of headers plus an 8 KiB request target.
+/// Anything larger is answered 431 by hyper itself; the gateway enforces the exact limits.
+pub const MAX_HEAD: usize = 40 * 1024;
 
 /// Already-bound listeners, so tests can bind port 0 and read the address back.
+#[derive(Debug)]
 pub struct Listeners {
     /// `server.listen`: user traffic.
     pub server: TcpListener,
@@ -14,25 +39,165 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Why the gateway could not start or run.
+/// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The store could not be opened (bad URL).
     #[error("store: {0}")]
     Store(#[from] crate::auth::store::StoreError),
-    /// Anything else at startup.
-    #[error("{0}")]
-    Startup(String),
+    /// The password hasher could not be built (bad argon2 parameters).
+    #[error("passwords: {0}")]
+    Passwords(#[from] crate::auth::password::PasswordError),
 }
 
-/// Runs the gateway until `shutdown` resolves, then drains in-flight requests (bounded by
-/// `server.shutdown_timeout`) and returns.
+/// Runs the gateway until `shutdown` resolves, then stops accepting, lets in-flight requests
+/// finish (bounded by `server.shutdown_timeout`) and returns.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let _ = (config, listeners);
-    shutdown.await;
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&config.store)?;
+    let auth = Auth::new(&config, store.clone())?;
+    let gateway = Arc::new(Gateway::new(&config, auth, metrics.clone()));
+
+    // One signal, watched by both accept loops.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let limits = Limits {
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_timeout: config.server.shutdown_timeout,
+        max_connections: config.server.max_connections,
+    };
+    tracing::info!(
+        listen = %local(&listeners.server),
+        admin = %local(&listeners.admin),
+        routes = config.routes.len(),
+        "keycard started"
+    );
+
+    let admin_state = Arc::new(crate::admin::Admin::new(store, metrics));
+    let admin = tokio::spawn(serve(
+        listeners.admin,
+        limits.clone(),
+        stop_rx.clone(),
+        move |request, _peer| {
+            let admin_state = admin_state.clone();
+            async move { admin_state.handle(request).await }
+        },
+    ));
+    serve(listeners.server, limits, stop_rx, move |request, peer| {
+        let gateway = gateway.clone();
+        async move { gateway.handle(request, peer).await }
+    })
+    .await;
+    let _ = admin.await;
+    tracing::info!("keycard stopped");
     Ok(())
+}
+
+/// Resolves once the stop signal is set (or its sender is gone). The borrow of the watch value
+/// ends inside, so the accept loop's future stays `Send`.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+}
+
+/// Connection limits shared by both listeners.
+#[derive(Debug, Clone)]
+struct Limits {
+    header_read_timeout: Duration,
+    shutdown_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c),
+/// then drains. An accept error (out of file descriptors, say) is logged and retried after a
+/// pause: it must never end the loop.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+
+    loop {
+        // Past max_connections, stop accepting: new connections wait in the kernel backlog
+        // instead of each costing us a task.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::error!(%error, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(request, peer).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(connections = open, "draining connections");
+    }
+    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?limits.shutdown_timeout,
+            "drain timed out; closing remaining connections"
+        );
+    }
 }

@@ -1,1 +1,326 @@
-//! Endpoints: `/register`, `/login`, `/logout`, `/refresh`.
+//! Endpoints: `/register`, `/login`, `/logout` and `/refresh`, answered by the gateway itself.
+//!
+//! These paths belong to keycard whatever the method and are never forwarded. Bodies are the
+//! only ones keycard ever reads, and they are capped at 16 KiB before parsing. Responses keep
+//! the Flask-JWT-Extended tutorial's shapes and messages so existing clients work unchanged.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::Auth;
+use super::token::{IssuedPair, TokenType, remaining};
+use crate::body::{self, Body};
+use crate::error::RequestError;
+
+/// Largest body accepted on an auth endpoint.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The endpoints keycard answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /register`.
+    Register,
+    /// `POST /login`.
+    Login,
+    /// `DELETE` or `POST /logout`.
+    Logout,
+    /// `POST /refresh`.
+    Refresh,
+}
+
+impl Endpoint {
+    /// The endpoint a canonical path names, if any. A trailing slash still names it, so
+    /// `/login/` can never slip past to an upstream.
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path.strip_suffix('/').unwrap_or(path) {
+            "/register" => Some(Endpoint::Register),
+            "/login" => Some(Endpoint::Login),
+            "/logout" => Some(Endpoint::Logout),
+            "/refresh" => Some(Endpoint::Refresh),
+            _ => None,
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Register => "register",
+            Endpoint::Login => "login",
+            Endpoint::Logout => "logout",
+            Endpoint::Refresh => "refresh",
+        }
+    }
+
+    /// The `Allow` header value, and whether `method` is in it.
+    fn allows(self, method: &Method) -> Result<(), RequestError> {
+        let (allow, ok) = match self {
+            Endpoint::Logout => (
+                "DELETE, POST",
+                method == Method::DELETE || method == Method::POST,
+            ),
+            _ => ("POST", method == Method::POST),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(RequestError::MethodNotAllowed { allow })
+        }
+    }
+}
+
+/// `username` and `password` from a register or login body, already validated.
+struct Credentials {
+    /// Lowercased: usernames are case-insensitive.
+    username: String,
+    password: String,
+}
+
+impl Auth {
+    /// Answers one auth endpoint request. The user (if any) is returned for the access log.
+    pub async fn endpoint(
+        &self,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+    ) -> Result<(Response<Body>, Option<String>), RequestError> {
+        endpoint.allows(request.method())?;
+        match endpoint {
+            Endpoint::Register => {
+                let creds = read_credentials(request).await?;
+                let phc = self.passwords.hash(&creds.password).await?;
+                if !self.store.create_user(&creds.username, &phc).await? {
+                    return Err(RequestError::UserExists);
+                }
+                let response =
+                    body::json_msg(StatusCode::CREATED, "User created successfully");
+                Ok((response, Some(creds.username)))
+            }
+            Endpoint::Login => {
+                let creds = read_credentials(request).await?;
+                let stored = self.store.user_hash(&creds.username).await?;
+                // An unknown user is verified against a dummy hash: the same work and the same
+                // answer as a wrong password, so timing does not reveal which names exist.
+                if !self
+                    .passwords
+                    .verify(&creds.password, stored.as_deref())
+                    .await?
+                {
+                    return Err(RequestError::BadCredentials);
+                }
+                let pair = self.tokens.issue_pair(&creds.username)?;
+                Ok((token_response(&pair), Some(creds.username)))
+            }
+            Endpoint::Logout => {
+                let claims = self
+                    .authenticate(request.headers(), TokenType::Access)
+                    .await?;
+                self.store.revoke(&claims.jti, remaining(&claims)).await?;
+                Ok((
+                    body::json_msg(StatusCode::OK, "Token revoked"),
+                    Some(claims.sub),
+                ))
+            }
+            Endpoint::Refresh => {
+                let claims = self.verify_bearer(request.headers(), TokenType::Refresh)?;
+                // Revoking with SET NX both checks and rotates in one round trip: of two
+                // racing uses of one refresh token, exactly one gets a new pair.
+                if !self.store.revoke(&claims.jti, remaining(&claims)).await? {
+                    return Err(RequestError::Revoked);
+                }
+                let pair = self.tokens.issue_pair(&claims.sub)?;
+                Ok((token_response(&pair), Some(claims.sub)))
+            }
+        }
+    }
+}
+
+/// The login and refresh answer. `Cache-Control: no-store` because it carries credentials
+/// (RFC 6749 §5.1).
+fn token_response(pair: &IssuedPair) -> Response<Body> {
+    let mut response = body::json(
+        StatusCode::OK,
+        &json!({
+            "access_token": pair.access_token,
+            "refresh_token": pair.refresh_token,
+            "token_type": "Bearer",
+            "expires_in": pair.expires_in,
+        }),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The two body formats the endpoints accept.
+enum Format {
+    Json,
+    Form,
+}
+
+/// Picks the body format from `Content-Type`; anything else (or nothing) is 415.
+fn format(headers: &HeaderMap) -> Result<Format, RequestError> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(RequestError::UnsupportedMediaType)?;
+    let media_type = value.split(';').next().unwrap_or("").trim();
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(Format::Json)
+    } else if media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(Format::Form)
+    } else {
+        Err(RequestError::UnsupportedMediaType)
+    }
+}
+
+/// Reads at most [`MAX_BODY`] bytes. A declared `Content-Length` over the cap is refused
+/// before a byte is read.
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, RequestError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        return Err(RequestError::PayloadTooLarge);
+    }
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::PayloadTooLarge),
+        Err(_) => Err(RequestError::BadRequest("Malformed request body".into())),
+    }
+}
+
+/// Reads, parses and validates `username` and `password`.
+async fn read_credentials(request: Request<Incoming>) -> Result<Credentials, RequestError> {
+    let format = format(request.headers())?;
+    let bytes = read_body(request).await?;
+    let (username, password) = match format {
+        Format::Json => parse_json(&bytes)?,
+        Format::Form => parse_form(&bytes)?,
+    };
+    let username = username.ok_or_else(|| bad("Missing username"))?;
+    let password = password.ok_or_else(|| bad("Missing password"))?;
+    Ok(Credentials {
+        username: validate_username(&username)?,
+        password: validate_password(password)?,
+    })
+}
+
+fn bad(msg: &str) -> RequestError {
+    RequestError::BadRequest(msg.to_owned())
+}
+
+type Fields = (Option<String>, Option<String>);
+
+fn parse_json(bytes: &[u8]) -> Result<Fields, RequestError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|_| bad("Malformed JSON body"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad("Request body must be a JSON object"))?;
+    let field = |name: &str| -> Result<Option<String>, RequestError> {
+        match object.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(&format!("Field '{name}' must be a string"))),
+        }
+    };
+    Ok((field("username")?, field("password")?))
+}
+
+fn parse_form(bytes: &[u8]) -> Result<Fields, RequestError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(bytes).map_err(|_| bad("Malformed form body"))?;
+    let mut fields: Fields = (None, None);
+    for (key, value) in pairs {
+        let slot = match key.as_str() {
+            "username" => &mut fields.0,
+            "password" => &mut fields.1,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(bad(&format!("Field '{key}' given more than once")));
+        }
+        *slot = Some(value);
+    }
+    Ok(fields)
+}
+
+/// 1–64 characters of `A-Z a-z 0-9 . _ @ -`, returned lowercased.
+fn validate_username(username: &str) -> Result<String, RequestError> {
+    let ok = (1..=64).contains(&username.len())
+        && username
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(username.to_ascii_lowercase())
+    } else {
+        Err(bad(
+            "Invalid username: 1 to 64 characters of A-Z a-z 0-9 . _ @ -",
+        ))
+    }
+}
+
+/// 8–1024 bytes; the upper bound keeps one request from buying unbounded hashing input.
+fn validate_password(password: String) -> Result<String, RequestError> {
+    if (8..=1024).contains(&password.len()) {
+        Ok(password)
+    } else {
+        Err(bad("Invalid password: 8 to 1024 bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_paths_include_trailing_slash() {
+        assert_eq!(Endpoint::from_path("/login"), Some(Endpoint::Login));
+        assert_eq!(Endpoint::from_path("/login/"), Some(Endpoint::Login));
+        assert_eq!(Endpoint::from_path("/loginx"), None);
+        assert_eq!(Endpoint::from_path("/api/login"), None);
+    }
+
+    #[test]
+    fn methods() {
+        assert!(Endpoint::Logout.allows(&Method::DELETE).is_ok());
+        assert!(Endpoint::Logout.allows(&Method::POST).is_ok());
+        assert!(Endpoint::Login.allows(&Method::GET).is_err());
+        assert!(Endpoint::Register.allows(&Method::PUT).is_err());
+    }
+
+    #[test]
+    fn usernames() {
+        assert_eq!(validate_username("Alice.B@x-y_z").unwrap(), "alice.b@x-y_z");
+        assert!(validate_username("").is_err());
+        assert!(validate_username(&"a".repeat(65)).is_err());
+        assert!(validate_username(&"a".repeat(64)).is_ok());
+        assert!(validate_username("a b").is_err());
+        assert!(validate_username("é").is_err());
+    }
+
+    #[test]
+    fn passwords() {
+        assert!(validate_password("1234567".into()).is_err());
+        assert!(validate_password("12345678".into()).is_ok());
+        assert!(validate_password("x".repeat(1024)).is_ok());
+        assert!(validate_password("x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn bodies() {
+        let (u, p) = parse_json(br#"{"username":"a","password":"b"}"#).unwrap();
+        assert_eq!((u.as_deref(), p.as_deref()), (Some("a"), Some("b")));
+        assert!(parse_json(b"[1]").is_err());
+        assert!(parse_json(b"{").is_err());
+        assert!(parse_json(br#"{"username":1}"#).is_err());
+        let (u, p) = parse_form(b"username=a%40b&password=x+y").unwrap();
+        assert_eq!((u.as_deref(), p.as_deref()), (Some("a@b"), Some("x y")));
+        assert!(parse_form(b"username=a&username=b").is_err());
+    }
+}

@@ -4,8 +4,139 @@
 //! - [`password`]: argon2id hashing on the blocking pool.
 //! - [`store`]: users and revocations (Redis or memory).
 //! - [`endpoints`]: `/register`, `/login`, `/logout`, `/refresh`.
+//!
+//! [`Auth`] ties them together; the gateway holds one and asks it either to answer an auth
+//! endpoint or to turn a request's `Authorization` header into verified [`token::Claims`].
 
 pub mod endpoints;
 pub mod password;
 pub mod store;
 pub mod token;
+
+use http::{HeaderMap, header};
+
+use crate::config::Config;
+use crate::error::RequestError;
+use password::Passwords;
+use store::Store;
+use token::{Claims, TokenType, Tokens};
+
+/// Keys, hasher and store, built once at startup and shared by every request.
+#[derive(Debug)]
+pub struct Auth {
+    /// Signs and verifies tokens with keys built once.
+    pub tokens: Tokens,
+    /// Bounded argon2id hashing.
+    pub passwords: Passwords,
+    /// Users and revocations.
+    pub store: Store,
+}
+
+impl Auth {
+    /// Builds keys and the hasher from the config around an already-opened store.
+    pub fn new(config: &Config, store: Store) -> Result<Auth, password::PasswordError> {
+        Ok(Auth {
+            tokens: Tokens::new(&config.tokens),
+            passwords: Passwords::new(&config.passwords)?,
+            store,
+        })
+    }
+
+    /// Verifies the bearer token in `headers` and checks it is not revoked: the whole
+    /// per-request cost of authentication, one store round trip at most.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        expected: TokenType,
+    ) -> Result<Claims, RequestError> {
+        let claims = self.verify_bearer(headers, expected)?;
+        if self
+            .store
+            .is_revoked(&claims.jti)
+            .await
+            .map_err(RequestError::StoreUnavailable)?
+        {
+            return Err(RequestError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    /// Checks the `Authorization` header's shape and the token's signature and claims, without
+    /// touching the store.
+    pub fn verify_bearer(
+        &self,
+        headers: &HeaderMap,
+        expected: TokenType,
+    ) -> Result<Claims, RequestError> {
+        let token = bearer_token(headers)?;
+        Ok(self.tokens.verify(token, expected)?)
+    }
+}
+
+/// Extracts the token from `Authorization: Bearer <jwt>`. Two `Authorization` headers are a
+/// client bug or an attack (which one would a back end read?), so they are refused outright.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, RequestError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(RequestError::MissingAuth)?;
+    if values.next().is_some() {
+        return Err(RequestError::BadRequest(
+            "Multiple Authorization headers".into(),
+        ));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| RequestError::InvalidToken("Invalid Authorization header"))?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(RequestError::InvalidToken(
+        "Missing 'Bearer' type in 'Authorization' header. Expected 'Authorization: Bearer <JWT>'",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(RequestError::InvalidToken(
+            "Missing 'Bearer' type in 'Authorization' header. Expected 'Authorization: Bearer <JWT>'",
+        ));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(RequestError::InvalidToken("Invalid token"));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&'static str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(header::AUTHORIZATION, HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(&headers(&["bearer abc"])).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers(&["BEARER  abc "])).unwrap(), "abc");
+    }
+
+    #[test]
+    fn missing_two_and_wrong_scheme_are_refused() {
+        assert!(matches!(
+            bearer_token(&headers(&[])),
+            Err(RequestError::MissingAuth)
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer a", "Bearer b"])),
+            Err(RequestError::BadRequest(_))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Basic abc"])),
+            Err(RequestError::InvalidToken(_))
+        ));
+        assert!(matches!(
+            bearer_token(&headers(&["Bearer"])),
+            Err(RequestError::InvalidToken(_))
+        ));
+    }
+}
