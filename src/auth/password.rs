@@ -1,1 +1,280 @@
-//! Passwords: argon2id hashing off the async workers.
+//! Passwords: argon2id hashing and verification, off the async workers and bounded.
+//!
+//! This module owns the password hash format (PHC strings, argon2id v19 with the configured
+//! cost), how many hashes may run at once, and the timing equalisation for unknown users.
+//!
+//! argon2 is deliberately expensive (tens of milliseconds of CPU and megabytes of memory per
+//! call), so every call:
+//! 1. waits at most `queue_timeout` for one of `max_concurrent` slots, failing with
+//!    [`PasswordError::Busy`] (the caller answers 503 + `Retry-After`) instead of queueing
+//!    without bound and letting a login flood eat all memory;
+//! 2. runs on tokio's blocking pool, holding its slot until the hash is done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{self, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::PasswordConfig;
+
+/// Why a password operation failed. Neither variant says anything about the password.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    /// No hashing slot within `queue_timeout`: overload, answered 503 so clients back off.
+    #[error("password hashing is saturated")]
+    Busy,
+    /// Bad parameters, a corrupt stored hash, or a panicked hashing task: a server fault.
+    #[error("password hashing failed: {0}")]
+    Internal(String),
+}
+
+/// The configured argon2id hasher plus the limits around it. Build once, share via `Arc`.
+pub struct Passwords {
+    params: Params,
+    permits: Arc<Semaphore>,
+    queue_timeout: Duration,
+    /// Hash of a random password with the current parameters; verified against when the user
+    /// does not exist, so "no such user" costs as much as "wrong password" and response time
+    /// does not reveal which usernames are registered.
+    dummy_phc: Arc<str>,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passwords")
+            .field("memory_kib", &self.params.m_cost())
+            .field("iterations", &self.params.t_cost())
+            .field("parallelism", &self.params.p_cost())
+            .field("available_permits", &self.permits.available_permits())
+            .field("queue_timeout", &self.queue_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Passwords {
+    /// Validates the cost parameters and precomputes the dummy hash.
+    ///
+    /// Computing the dummy hash here (synchronously, once, at startup) costs one hash but
+    /// means a bad `[passwords]` section fails at startup instead of on the first login.
+    pub fn new(config: &PasswordConfig) -> Result<Passwords, PasswordError> {
+        let params = Params::new(
+            config.memory_kib,
+            config.iterations,
+            config.parallelism,
+            None,
+        )
+        .map_err(|e| PasswordError::Internal(format!("invalid argon2 parameters: {e}")))?;
+        if config.max_concurrent == 0 || config.max_concurrent > Semaphore::MAX_PERMITS {
+            return Err(PasswordError::Internal(format!(
+                "passwords.max_concurrent must be between 1 and {}",
+                Semaphore::MAX_PERMITS
+            )));
+        }
+
+        let mut random = [0u8; 32];
+        getrandom::fill(&mut random)
+            .map_err(|e| PasswordError::Internal(format!("random source failed: {e}")))?;
+        let dummy_phc = hash_blocking(&params, &random)?;
+
+        Ok(Passwords {
+            params,
+            permits: Arc::new(Semaphore::new(config.max_concurrent)),
+            queue_timeout: config.queue_timeout,
+            dummy_phc: dummy_phc.into(),
+        })
+    }
+
+    /// Hashes a new password into a PHC string (random salt, current parameters) for storage.
+    pub async fn hash(&self, password: &str) -> Result<String, PasswordError> {
+        let params = self.params.clone();
+        let password = password.to_owned();
+        self.run_bounded(move || hash_blocking(&params, password.as_bytes()))
+            .await
+    }
+
+    /// Checks `password` against a stored PHC string; `None` means the user does not exist.
+    ///
+    /// The parameters are read from the stored hash, so hashes made before a cost change keep
+    /// verifying. For `None` the same work is spent on the dummy hash and the answer is always
+    /// `false`. A stored hash that cannot be parsed is an error (logged), not a `false`: it
+    /// means the store is corrupt, and the user should see a 500 rather than "bad password".
+    pub async fn verify(&self, password: &str, phc: Option<&str>) -> Result<bool, PasswordError> {
+        let known_user = phc.is_some();
+        let phc: Arc<str> = match phc {
+            Some(phc) => phc.into(),
+            None => Arc::clone(&self.dummy_phc),
+        };
+        let password = password.to_owned();
+        let matched = self
+            .run_bounded(move || verify_blocking(&phc, password.as_bytes()))
+            .await?;
+        Ok(known_user && matched)
+    }
+
+    /// Waits (bounded) for a hashing slot, then runs `work` on the blocking pool with the slot
+    /// held until it finishes.
+    async fn run_bounded<T, F>(&self, work: F) -> Result<T, PasswordError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, PasswordError> + Send + 'static,
+    {
+        let permit: OwnedSemaphorePermit = match tokio::time::timeout(
+            self.queue_timeout,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => {
+                return Err(PasswordError::Internal("hashing semaphore closed".into()));
+            }
+            Err(_elapsed) => return Err(PasswordError::Busy),
+        };
+
+        // Why the blocking pool: one argon2 call is tens of milliseconds of pure CPU. Run on an
+        // async worker it would stall every other task on that worker — including the proxied
+        // requests and streaming bodies of unrelated users. The permit moves into the closure,
+        // so it is released when the hash actually finishes, even if the awaiting request was
+        // dropped (client went away) meanwhile; otherwise cancelled logins would let more
+        // hashes run than `max_concurrent`.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| PasswordError::Internal(format!("hashing task failed: {e}")))?
+    }
+}
+
+fn argon2id(params: Params) -> Argon2<'static> {
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Hashes with a fresh random salt; runs synchronously (callers put it on the blocking pool).
+fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, PasswordError> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2id(params.clone())
+        .hash_password(password, &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| PasswordError::Internal(format!("hashing failed: {e}")))
+}
+
+/// Verifies against a PHC string using the parameters it carries; runs synchronously.
+fn verify_blocking(phc: &str, password: &[u8]) -> Result<bool, PasswordError> {
+    let parsed = PasswordHash::new(phc).map_err(|e| {
+        // The parse error names what is wrong with the format, never the hash contents.
+        tracing::error!(error = %e, "stored password hash cannot be parsed");
+        PasswordError::Internal(format!("stored password hash is malformed: {e}"))
+    })?;
+    // The hasher's own params are irrelevant here: `verify_password` rebuilds the hasher from
+    // the algorithm, version and params in the PHC string.
+    match argon2id(Params::default()).verify_password(password, &parsed) {
+        Ok(()) => Ok(true),
+        Err(password_hash::Error::Password) => Ok(false),
+        Err(e) => {
+            tracing::error!(error = %e, "stored password hash cannot be verified");
+            Err(PasswordError::Internal(format!(
+                "stored password hash is unusable: {e}"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_concurrent: usize, queue_timeout: Duration) -> PasswordConfig {
+        PasswordConfig {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+            max_concurrent,
+            queue_timeout,
+        }
+    }
+
+    fn passwords() -> Passwords {
+        Passwords::new(&config(2, Duration::from_secs(5))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn hash_then_verify() {
+        let p = passwords();
+        let phc = p.hash("correct horse").await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
+        assert!(p.verify("correct horse", Some(&phc)).await.unwrap());
+        assert!(!p.verify("wrong horse", Some(&phc)).await.unwrap());
+        // Random salt: the same password hashes differently.
+        assert_ne!(phc, p.hash("correct horse").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn unknown_user_is_false() {
+        let p = passwords();
+        assert!(!p.verify("anything", None).await.unwrap());
+        assert!(!p.verify("", None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn hash_with_other_params_still_verifies() {
+        let other = Passwords::new(&PasswordConfig {
+            memory_kib: 128,
+            iterations: 2,
+            parallelism: 2,
+            ..config(1, Duration::from_secs(5))
+        })
+        .unwrap();
+        let phc = other.hash("hunter22").await.unwrap();
+        assert!(phc.contains("m=128,t=2,p=2"), "{phc}");
+        let p = passwords();
+        assert!(p.verify("hunter22", Some(&phc)).await.unwrap());
+        assert!(!p.verify("hunter23", Some(&phc)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn malformed_stored_hash_is_internal() {
+        let p = passwords();
+        for bad in ["", "not a hash", "$argon2id$v=19$m=64,t=1,p=1$!!!$???"] {
+            assert!(
+                matches!(
+                    p.verify("pw", Some(bad)).await,
+                    Err(PasswordError::Internal(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn busy_when_no_slot_frees_in_time() {
+        let p = Passwords::new(&config(1, Duration::from_millis(10))).unwrap();
+        let held = Arc::clone(&p.permits).acquire_owned().await.unwrap();
+        assert!(matches!(p.hash("pw").await, Err(PasswordError::Busy)));
+        assert!(matches!(
+            p.verify("pw", None).await,
+            Err(PasswordError::Busy)
+        ));
+        drop(held);
+        // The slot is usable again, and released after each call.
+        let phc = p.hash("pw").await.unwrap();
+        assert!(p.verify("pw", Some(&phc)).await.unwrap());
+        assert_eq!(p.permits.available_permits(), 1);
+    }
+
+    #[test]
+    fn bad_config_is_rejected() {
+        assert!(Passwords::new(&config(0, Duration::from_secs(1))).is_err());
+        let bad = PasswordConfig {
+            memory_kib: 1,
+            ..config(1, Duration::from_secs(1))
+        };
+        assert!(matches!(
+            Passwords::new(&bad),
+            Err(PasswordError::Internal(_))
+        ));
+    }
+}
