@@ -1,1 +1,156 @@
-fn main() {}
+//! The `keycard` binary: command line, logging, config load, signals, then [`keycard::run`].
+//! No gateway logic lives here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keycard::config::Config;
+use tokio::net::TcpListener;
+
+/// EX_USAGE from sysexits.h: the config (the "usage") is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "keycard", version, about = "An authentication gateway")]
+struct Cli {
+    /// Path of the TOML config file.
+    #[arg(
+        long,
+        env = "KEYCARD_CONFIG",
+        default_value = "config/keycard.toml",
+        global = true
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config, print the resolved routes, and exit.
+    Check,
+    /// Try keycard locally: memory store, random secret, built-in echo upstream.
+    Dev {
+        /// Address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address of the admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => {
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            block_on(async move {
+                let listeners = keycard::Listeners {
+                    server: bind(config.server.listen, "server.listen").await?,
+                    admin: bind(config.admin.listen, "admin.listen").await?,
+                };
+                keycard::run(config, listeners, shutdown_signal())
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Dev { listen, admin } => block_on(async move {
+            keycard::dev::run(listen, admin, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// `keycard check`: every error at once, or the resolved routes.
+fn check(path: &Path) -> ExitCode {
+    match load(path) {
+        Ok(config) => {
+            println!("{}: ok", path.display());
+            println!("{}", config.describe_routes());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "{}: {} error(s); keycard did not start",
+            path.display(),
+            errors.errors.len()
+        );
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{key} = \"{addr}\": cannot listen: {e}"))
+}
+
+fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keycard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("keycard: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `KEYCARD_LOG` (EnvFilter syntax, default `info`) and `KEYCARD_LOG_FORMAT=json`, to stderr.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("KEYCARD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT; the gateway then drains and exits 0.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT will stop keycard");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received; draining");
+}
