@@ -685,6 +685,23 @@ impl Ctx<'_> {
         default: Duration,
         positive: bool,
     ) -> Duration {
+        let min = if positive {
+            Duration::from_millis(1)
+        } else {
+            Duration::ZERO
+        };
+        self.duration_in(sec, key, default, min, Duration::MAX)
+    }
+
+    /// `sec.key` as a duration within `min..=max`, `default` when absent.
+    fn duration_in(
+        &mut self,
+        sec: &Section<'_, '_>,
+        key: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
         let Some(v) = self.lookup(sec, key, false) else {
             return default;
         };
@@ -702,8 +719,15 @@ impl Ctx<'_> {
         }
         self.convert(&full, v, |s| {
             let d = parse_duration(s)?;
-            if positive && d.is_zero() {
-                return Err("must be greater than zero".to_string());
+            if d < min {
+                return Err(if min == Duration::from_millis(1) {
+                    "must be greater than zero".to_string()
+                } else {
+                    format!("must be at least {}s", min.as_secs())
+                });
+            }
+            if d > max {
+                return Err(format!("must be at most {}s", max.as_secs()));
             }
             Ok(d)
         })
@@ -865,14 +889,31 @@ impl Ctx<'_> {
                 }
             })
             .unwrap_or_else(|| "keycard".to_string());
-        let access_ttl = self.duration(&sec, "access_ttl", Duration::from_secs(15 * 60), true);
-        let refresh_ttl = self.duration(
+        // Token times are whole seconds, so a TTL under one second would issue tokens that
+        // are already expired.
+        let second = Duration::from_secs(1);
+        let access_ttl = self.duration_in(
+            &sec,
+            "access_ttl",
+            Duration::from_secs(15 * 60),
+            second,
+            Duration::MAX,
+        );
+        let refresh_ttl = self.duration_in(
             &sec,
             "refresh_ttl",
             Duration::from_secs(7 * 24 * 3600),
-            true,
+            second,
+            Duration::MAX,
         );
-        let leeway = self.duration(&sec, "leeway", Duration::ZERO, false);
+        // Leeway is clock skew, not a policy knob: more than five minutes is a misconfiguration.
+        let leeway = self.duration_in(
+            &sec,
+            "leeway",
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        );
         TokenConfig {
             algorithm,
             secret,
@@ -1650,7 +1691,8 @@ timeout = "2m"
             ("\"1x\"", "unknown unit"),
             ("\"s\"", "invalid duration"),
             ("\"\"", "empty"),
-            ("\"0s\"", "greater than zero"),
+            ("\"0s\"", "at least 1s"),
+            ("\"500ms\"", "at least 1s"),
             ("\"99999999999999999999d\"", "invalid duration"),
             ("\"999999999999999d\"", "too large"),
         ] {
@@ -1659,6 +1701,10 @@ timeout = "2m"
             assert_eq!(e.key, "tokens.access_ttl", "{value}");
             assert!(e.message.contains(needle), "{value}: {e}");
         }
+        let text = minimal_with("[tokens]", "[tokens]\nleeway = \"10m\"");
+        let e = one_error(&text);
+        assert_eq!(e.key, "tokens.leeway");
+        assert!(e.message.contains("at most 300s"), "{e}");
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(
             parse_duration("1s500ms").unwrap(),

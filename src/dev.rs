@@ -52,9 +52,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DevError> {
     let echo = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let echo_addr = echo
-        .local_addr()
-        .map_err(|source| DevError::Bind { addr: listen, source })?;
+    let echo_addr = echo.local_addr().map_err(|source| DevError::Bind {
+        addr: listen,
+        source,
+    })?;
     tokio::spawn(serve_echo(echo));
 
     let mut secret = [0u8; 32];
@@ -123,7 +124,8 @@ async fn serve_echo(listener: TcpListener) {
             continue;
         };
         tokio::spawn(async move {
-            let service = service_fn(|request| async move { Ok::<_, Infallible>(echo(request).await) });
+            let service =
+                service_fn(|request| async move { Ok::<_, Infallible>(echo(request).await) });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -144,7 +146,9 @@ async fn echo(request: Request<Incoming>) -> Response<Body> {
         .map(|(name, value)| {
             (
                 name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned().into(),
+                String::from_utf8_lossy(value.as_bytes())
+                    .into_owned()
+                    .into(),
             )
         })
         .collect();

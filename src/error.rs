@@ -53,6 +53,9 @@ pub enum RequestError {
     /// The request target is longer than 8 KiB.
     #[error("URI too long")]
     UriTooLong,
+    /// The request headers add up to more than 32 KiB.
+    #[error("Request header fields too large")]
+    HeadersTooLarge,
     /// An auth endpoint body over the limit.
     #[error("Request body too large")]
     PayloadTooLarge,
@@ -99,6 +102,7 @@ impl RequestError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             BadGateway(_) => StatusCode::BAD_GATEWAY,

@@ -28,6 +28,9 @@ use crate::routes::{self, Router};
 /// Longest request target accepted (path and query); longer is 414.
 pub const MAX_TARGET: usize = 8 * 1024;
 
+/// Most header bytes accepted (names, values and `: `/CRLF framing); more is 431.
+pub const MAX_HEADERS: usize = 32 * 1024;
+
 /// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
 /// written in the access log, so one id follows a request through every hop.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -90,7 +93,9 @@ impl Gateway {
                 error.into_response()
             }
         };
-        response.headers_mut().insert(REQUEST_ID.clone(), id.clone());
+        response
+            .headers_mut()
+            .insert(REQUEST_ID.clone(), id.clone());
 
         let elapsed = start.elapsed();
         let status = response.status().as_u16();
@@ -122,7 +127,9 @@ impl Gateway {
         if target_len > MAX_TARGET {
             return Err(RequestError::UriTooLong);
         }
-        let path = routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
+        check_headers(request.headers())?;
+        let path =
+            routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
         if let Some(endpoint) = Endpoint::from_path(&path) {
             outcome.route = Arc::from(endpoint.name());
@@ -153,6 +160,23 @@ impl Gateway {
             .forward(request, route, &path, &self.identity, caller)
             .await
     }
+}
+
+/// Header-level checks hyper does not make: total size (hyper's buffer limit is looser, see
+/// [`crate::server::MAX_HEAD`]) and a single `Host` (RFC 9112 §3.2: more than one is 400, since
+/// the gateway and the upstream might each pick a different one).
+fn check_headers(headers: &http::HeaderMap) -> Result<(), RequestError> {
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > MAX_HEADERS {
+        return Err(RequestError::HeadersTooLarge);
+    }
+    if headers.get_all(http::header::HOST).iter().nth(1).is_some() {
+        return Err(RequestError::BadRequest("Multiple Host headers".into()));
+    }
+    Ok(())
 }
 
 /// The metrics reason for an authentication refusal, if the error is one.

@@ -93,8 +93,7 @@ impl Auth {
                 if !self.store.create_user(&creds.username, &phc).await? {
                     return Err(RequestError::UserExists);
                 }
-                let response =
-                    body::json_msg(StatusCode::CREATED, "User created successfully");
+                let response = body::json_msg(StatusCode::CREATED, "User created successfully");
                 Ok((response, Some(creds.username)))
             }
             Endpoint::Login => {

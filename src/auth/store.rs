@@ -146,7 +146,12 @@ impl Store {
 
     /// `SET key value NX [PX ttl]` on either backend; true when this call wrote it. Atomic, so
     /// two racing writers cannot both win.
-    async fn set_nx(&self, key: &str, value: &str, ttl: Option<Duration>) -> Result<bool, StoreError> {
+    async fn set_nx(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
@@ -183,7 +188,8 @@ impl Store {
     /// Revokes a `jti` for `ttl` (the token's remaining life). Returns false when it was
     /// already revoked, which makes refresh-token rotation single-use even under a race.
     pub async fn revoke(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.set_nx(&self.key("revoked:", jti), "1", Some(ttl)).await
+        self.set_nx(&self.key("revoked:", jti), "1", Some(ttl))
+            .await
     }
 
     /// Whether a `jti` is revoked: one `EXISTS`, the only store call on the proxied path.
@@ -240,7 +246,10 @@ mod tests {
         let store = memory();
         assert!(store.create_user("alice", "h1").await.unwrap());
         assert!(!store.create_user("alice", "h2").await.unwrap());
-        assert_eq!(store.user_hash("alice").await.unwrap().as_deref(), Some("h1"));
+        assert_eq!(
+            store.user_hash("alice").await.unwrap().as_deref(),
+            Some("h1")
+        );
         assert_eq!(store.user_hash("bob").await.unwrap(), None);
     }
 
