@@ -27,7 +27,12 @@ fn form_encode(s: &str) -> String {
 }
 
 async fn post_json(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
-    gw.client.post(gw.url(path)).json(body).send().await.unwrap()
+    gw.client
+        .post(gw.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn post_raw(gw: &Gateway, path: &str, ct: Option<&str>, body: Vec<u8>) -> reqwest::Response {
@@ -61,7 +66,10 @@ async fn register_and_login_with_form_bodies() {
     )
     .await;
     let (status, v) = json_body(resp).await;
-    assert_eq!((status, v), (201, json!({ "msg": "User created successfully" })));
+    assert_eq!(
+        (status, v),
+        (201, json!({ "msg": "User created successfully" }))
+    );
 
     let resp = post_raw(
         &s.gw,
@@ -113,7 +121,10 @@ async fn register_rejects_missing_and_invalid_fields_with_400() {
         ("missing password", json!({ "username": "bob" })),
         ("missing username", json!({ "password": PASSWORD })),
         ("empty object", json!({})),
-        ("empty username", json!({ "username": "", "password": PASSWORD })),
+        (
+            "empty username",
+            json!({ "username": "", "password": PASSWORD }),
+        ),
         (
             "65-char username",
             json!({ "username": long_name, "password": PASSWORD }),
@@ -185,8 +196,9 @@ async fn register_malformed_json_is_400() {
         b"",
         b"\xff\xfe",
     ] {
-        let f = failure(post_raw(&s.gw, "/register", Some("application/json"), body.to_vec()).await)
-            .await;
+        let f =
+            failure(post_raw(&s.gw, "/register", Some("application/json"), body.to_vec()).await)
+                .await;
         assert_eq!(f.status, 400, "{:?}: {f:?}", String::from_utf8_lossy(body));
     }
 }
@@ -212,7 +224,11 @@ async fn register_chunked_body_over_16_kib_is_413() {
          Transfer-Encoding: chunked\r\n\r\n",
     );
     for part in body.as_bytes().chunks(4096) {
-        req.push_str(&format!("{:x}\r\n{}\r\n", part.len(), std::str::from_utf8(part).unwrap()));
+        req.push_str(&format!(
+            "{:x}\r\n{}\r\n",
+            part.len(),
+            std::str::from_utf8(part).unwrap()
+        ));
     }
     req.push_str("0\r\n\r\n");
     let r = raw_request(s.gw.addr, req.as_bytes()).await;
@@ -223,7 +239,11 @@ async fn register_chunked_body_over_16_kib_is_413() {
 async fn register_text_plain_or_missing_content_type_is_415() {
     let s = Stack::start().await;
     let body = json!({ "username": "ct", "password": PASSWORD }).to_string();
-    for ct in [Some("text/plain"), None, Some("multipart/form-data; boundary=x")] {
+    for ct in [
+        Some("text/plain"),
+        None,
+        Some("multipart/form-data; boundary=x"),
+    ] {
         for path in ["/register", "/login"] {
             let f = failure(post_raw(&s.gw, path, ct, body.clone().into_bytes()).await).await;
             assert_eq!(f.status, 415, "{path} with {ct:?}: {f:?}");
@@ -376,7 +396,12 @@ async fn auth_paths_answer_other_methods_with_405_and_allow() {
     for (path, methods) in cases {
         for m in methods {
             let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
-            let resp = s.gw.client.request(method, s.gw.url(path)).send().await.unwrap();
+            let resp =
+                s.gw.client
+                    .request(method, s.gw.url(path))
+                    .send()
+                    .await
+                    .unwrap();
             let f = failure(resp).await;
             assert_eq!(f.status, 405, "{m} {path}: {f:?}");
             let allow = f
@@ -446,29 +471,31 @@ async fn logout_with_delete_or_post_revokes_the_access_token() {
     for method in [reqwest::Method::DELETE, reqwest::Method::POST] {
         let (access, _) = s.gw.login("heidi", PASSWORD).await;
         assert_eq!(s.gw.get("/private", Some(&access)).await.status(), 200);
-        let resp = s
-            .gw
-            .client
-            .request(method.clone(), s.gw.url("/logout"))
-            .bearer_auth(&access)
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            s.gw.client
+                .request(method.clone(), s.gw.url("/logout"))
+                .bearer_auth(&access)
+                .send()
+                .await
+                .unwrap();
         let (status, body) = json_body(resp).await;
-        assert_eq!((status, body), (200, json!({ "msg": "Token revoked" })), "{method}");
+        assert_eq!(
+            (status, body),
+            (200, json!({ "msg": "Token revoked" })),
+            "{method}"
+        );
         let f = failure(s.gw.get("/private", Some(&access)).await).await;
         assert_eq!(f.status, 401, "{f:?}");
         assert_eq!(f.msg, "Token has been revoked");
         assert_invalid_token(&f, "revoked");
         // A second logout with the same token is refused too.
-        let resp = s
-            .gw
-            .client
-            .delete(s.gw.url("/logout"))
-            .bearer_auth(&access)
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            s.gw.client
+                .delete(s.gw.url("/logout"))
+                .bearer_auth(&access)
+                .send()
+                .await
+                .unwrap();
         assert_eq!(resp.status(), 401);
     }
 }
@@ -476,7 +503,14 @@ async fn logout_with_delete_or_post_revokes_the_access_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_without_token_is_401_with_bearer_challenge() {
     let s = Stack::start().await;
-    let f = failure(s.gw.client.delete(s.gw.url("/logout")).send().await.unwrap()).await;
+    let f = failure(
+        s.gw.client
+            .delete(s.gw.url("/logout"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(f.status, 401, "{f:?}");
     assert_eq!(f.msg, "Missing Authorization Header");
     assert_eq!(f.www_authenticate.as_deref(), Some("Bearer"));
@@ -487,14 +521,13 @@ async fn logout_with_refresh_token_or_garbage_is_401() {
     let s = Stack::start().await;
     let (_, refresh) = s.gw.user("ivan").await;
     for token in [refresh.as_str(), "garbage"] {
-        let resp = s
-            .gw
-            .client
-            .delete(s.gw.url("/logout"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            s.gw.client
+                .delete(s.gw.url("/logout"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
         let f = failure(resp).await;
         assert_invalid_token(&f, token);
     }
@@ -507,14 +540,13 @@ async fn logout_revocation_key_expires_when_the_token_would() {
     let claims = decode_claims(&access);
     let jti = claims["jti"].as_str().unwrap();
     let exp = claims["exp"].as_i64().unwrap();
-    let resp = s
-        .gw
-        .client
-        .delete(s.gw.url("/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        s.gw.client
+            .delete(s.gw.url("/logout"))
+            .bearer_auth(&access)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 200);
     let key = format!("keycard:revoked:{jti}");
     let pttl: i64 = s.redis.query(redis::cmd("PTTL").arg(&key)).await;
@@ -560,7 +592,10 @@ async fn refresh_returns_a_new_pair_and_the_used_token_is_revoked() {
     let key = format!("keycard:revoked:{}", c["jti"].as_str().unwrap());
     let ttl: i64 = s.redis.query(redis::cmd("TTL").arg(&key)).await;
     let remaining = c["exp"].as_i64().unwrap() - now();
-    assert!(ttl > 0 && (ttl - remaining).abs() <= 3, "TTL {ttl}, expected ~{remaining}");
+    assert!(
+        ttl > 0 && (ttl - remaining).abs() <= 3,
+        "TTL {ttl}, expected ~{remaining}"
+    );
     // The new one works once.
     assert_eq!(refresh(&s.gw, refresh2).await.status(), 200);
     assert_eq!(refresh(&s.gw, refresh2).await.status(), 401);
@@ -624,7 +659,10 @@ async fn memory_store_end_to_end() {
     let (access, refresh1) = gw.user("olivia").await;
     let echo = Echo::from_response(gw.get("/private/data", Some(&access)).await).await;
     assert_eq!(echo.values("x-auth-user"), vec!["olivia"]);
-    assert_eq!(failure(gw.register("OLIVIA", PASSWORD).await).await.status, 409);
+    assert_eq!(
+        failure(gw.register("OLIVIA", PASSWORD).await).await.status,
+        409
+    );
 
     let resp = refresh(&gw, &refresh1).await;
     assert_eq!(resp.status(), 200);
@@ -640,12 +678,7 @@ async fn memory_store_end_to_end() {
     assert_eq!(resp.status(), 200);
     let f = failure(gw.get("/private/data", Some(&access)).await).await;
     assert_eq!(f.msg, "Token has been revoked");
-    let ready = gw
-        .client
-        .get(gw.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = gw.client.get(gw.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     assert_eq!(upstream.hits(), 1);
 }

@@ -52,30 +52,52 @@ async fn redis_outage_fails_closed_with_503_and_recovers_without_restart() {
         "503 took {:?}",
         started.elapsed()
     );
-    assert_eq!(s.upstream.hits(), hits, "never forwarded while the store is down");
+    assert_eq!(
+        s.upstream.hits(),
+        hits,
+        "never forwarded while the store is down"
+    );
 
     let f = failure(s.gw.login_raw("alice", PASSWORD).await).await;
     assert_eq!(f.status, 503, "login: {f:?}");
     let f = failure(s.gw.register("newbie", PASSWORD).await).await;
     assert_eq!(f.status, 503, "register: {f:?}");
-    let resp = s
-        .gw
-        .client
-        .delete(s.gw.url("/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        s.gw.client
+            .delete(s.gw.url("/logout"))
+            .bearer_auth(&access)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 503, "logout cannot revoke without the store");
-    let ready = s.gw.client.get(s.gw.admin_url("/readyz")).send().await.unwrap();
+    let ready =
+        s.gw.client
+            .get(s.gw.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(ready.status(), 503);
-    let health = s.gw.client.get(s.gw.admin_url("/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200, "liveness does not depend on the store");
+    let health =
+        s.gw.client
+            .get(s.gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "liveness does not depend on the store"
+    );
 
     s.redis.start();
 
     poll_until_ok(&s.gw, &access, Duration::from_secs(10)).await;
-    let ready = s.gw.client.get(s.gw.admin_url("/readyz")).send().await.unwrap();
+    let ready =
+        s.gw.client
+            .get(s.gw.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(ready.status(), 200);
     // The restarted Redis is empty: registering works again.
     assert_eq!(s.gw.register("alice", PASSWORD).await.status(), 201);
@@ -112,12 +134,27 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let (access, _) = s.gw.user("carol").await;
     assert_eq!(s.gw.get("/private", Some(&access)).await.status(), 200);
 
-    let resp = s.gw.client.get(s.gw.admin_url("/healthz")).send().await.unwrap();
+    let resp =
+        s.gw.client
+            .get(s.gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = s.gw.client.get(s.gw.admin_url("/readyz")).send().await.unwrap();
+    let resp =
+        s.gw.client
+            .get(s.gw.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let resp = s.gw.client.get(s.gw.admin_url("/metrics")).send().await.unwrap();
+    let resp =
+        s.gw.client
+            .get(s.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp
         .headers()
@@ -130,7 +167,10 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     );
     let text = resp.text().await.unwrap();
     assert!(text.contains("keycard_"), "no keycard_ metric in:\n{text}");
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let value = line.rsplit(' ').next().unwrap();
         assert!(
             value.parse::<f64>().is_ok() || line.split(' ').count() >= 3,
@@ -159,7 +199,10 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     // Let the request reach the upstream (which holds it for 3 s).
     let deadline = Instant::now() + Duration::from_secs(5);
     while s.upstream.hits() == 0 {
-        assert!(Instant::now() < deadline, "slow request never reached upstream");
+        assert!(
+            Instant::now() < deadline,
+            "slow request never reached upstream"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s.gw.begin_shutdown();
@@ -185,8 +228,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     let echo = Echo::from_response(resp).await;
     assert_eq!(echo.path, "/public/slow");
 
-    s.gw
-        .wait_stopped(Duration::from_secs(10))
+    s.gw.wait_stopped(Duration::from_secs(10))
         .await
         .expect("run returns Ok after draining");
     let connect = tokio::time::timeout(
@@ -198,7 +240,12 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         !matches!(connect, Ok(Ok(_))),
         "listener still accepting after run returned"
     );
-    assert!(s.upstream.requests().iter().all(|r| r.path != "/public/late"));
+    assert!(
+        s.upstream
+            .requests()
+            .iter()
+            .all(|r| r.path != "/public/late")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,7 +309,10 @@ fn config_parses_documented_keys_and_durations() {
     assert!(c.routes[5].strip_prefix);
     assert_eq!(c.routes[1].auth, keycard::config::AuthMode::Public);
     assert_eq!(c.identity.user_header.as_str(), "x-auth-user");
-    assert!(!format!("{c:?}").contains(SECRET), "Debug must not print the secret");
+    assert!(
+        !format!("{c:?}").contains(SECRET),
+        "Debug must not print the secret"
+    );
 }
 
 #[test]
@@ -309,7 +359,10 @@ fn config_unknown_keys_are_errors() {
     let toml = format!("{}\n[mystery]\nx = 1\n", base_toml());
     let e = parse(&toml).expect_err("unknown table must fail");
     assert!(e.to_string().contains("mystery"), "{e}");
-    let toml = base_toml().replace("auth = \"required\"", "auth = \"required\"\ncolour = \"red\"");
+    let toml = base_toml().replace(
+        "auth = \"required\"",
+        "auth = \"required\"\ncolour = \"red\"",
+    );
     let e = parse(&toml).expect_err("unknown route key must fail");
     assert!(e.to_string().contains("colour"), "{e}");
 }
@@ -339,13 +392,24 @@ fn config_bad_values_are_errors_naming_their_keys_all_at_once() {
 #[test]
 fn config_rejects_bad_algorithm_and_route_values() {
     for (from, to, key) in [
-        ("algorithm = \"HS256\"", "algorithm = \"none\"", "tokens.algorithm"),
-        ("algorithm = \"HS256\"", "algorithm = \"RS256\"", "tokens.algorithm"),
+        (
+            "algorithm = \"HS256\"",
+            "algorithm = \"none\"",
+            "tokens.algorithm",
+        ),
+        (
+            "algorithm = \"HS256\"",
+            "algorithm = \"RS256\"",
+            "tokens.algorithm",
+        ),
         ("auth = \"required\"", "auth = \"maybe\"", "auth"),
         ("trusted_proxies", "trusted_proxies", "trusted_proxies"),
     ] {
         let toml = if key == "trusted_proxies" {
-            base_toml().replace("[server]\n", "[server]\ntrusted_proxies = [\"not-a-cidr\"]\n")
+            base_toml().replace(
+                "[server]\n",
+                "[server]\ntrusted_proxies = [\"not-a-cidr\"]\n",
+            )
         } else {
             base_toml().replacen(from, to, 1)
         };
@@ -387,7 +451,10 @@ fn run_bounded(cmd: &mut Command) -> std::process::Output {
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(out) => out.unwrap(),
         Err(_) => {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
             panic!("keycard did not exit within 30 s");
         }
     }
@@ -396,16 +463,26 @@ fn run_bounded(cmd: &mut Command) -> std::process::Output {
 #[test]
 fn check_accepts_the_shipped_config_and_prints_routes() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = run_bounded(
-        keycard_bin()
-            .current_dir(root)
-            .args(["check", "--config", "config/keycard.toml"]),
-    );
+    let out = run_bounded(keycard_bin().current_dir(root).args([
+        "check",
+        "--config",
+        "config/keycard.toml",
+    ]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("http://"), "routes (with upstreams) not printed:\n{stdout}");
-    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "secret printed");
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("http://"),
+        "routes (with upstreams) not printed:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains(SECRET) && !stderr.contains(SECRET),
+        "secret printed"
+    );
 }
 
 #[test]
@@ -415,7 +492,11 @@ fn check_prints_every_route_of_a_valid_config() {
     std::fs::write(&path, base_toml()).unwrap();
     let out = run_bounded(keycard_bin().arg("check").arg("--config").arg(&path));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for route in ["/api/open", "/public", "/private", "/token", "/strip"] {
         assert!(stdout.contains(route), "{route} not printed:\n{stdout}");
     }
@@ -433,8 +514,14 @@ fn check_reports_every_error_with_its_key_and_fails() {
     let out = run_bounded(keycard_bin().arg("check").arg("--config").arg(&path));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "bad config accepted");
-    assert!(stderr.contains("bogus_key"), "unknown key not named:\n{stderr}");
-    assert!(stderr.contains("tokens.secret"), "short secret not named:\n{stderr}");
+    assert!(
+        stderr.contains("bogus_key"),
+        "unknown key not named:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("tokens.secret"),
+        "short secret not named:\n{stderr}"
+    );
     // Running (not just checking) the same file fails the same way.
     let out = run_bounded(keycard_bin().arg("--config").arg(&path));
     assert!(!out.status.success());
@@ -487,7 +574,10 @@ async fn binary_serves_and_exits_zero_on_sigterm_with_json_logs() {
                 let _ = child.stderr.take().unwrap().read_to_string(&mut err);
                 panic!("keycard exited early ({status}):\n{err}");
             }
-            assert!(Instant::now() < deadline, "binary never became healthy: {r:?}");
+            assert!(
+                Instant::now() < deadline,
+                "binary never became healthy: {r:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let resp = client

@@ -212,16 +212,15 @@ async fn trusted_proxy_chain_is_appended_to() {
 async fn request_body_and_method_are_forwarded() {
     let s = Stack::start().await;
     let (access, _) = s.gw.user("carol").await;
-    let resp = s
-        .gw
-        .client
-        .put(s.gw.url("/private/doc?v=2"))
-        .bearer_auth(&access)
-        .header("content-type", "text/plain")
-        .body("hello upstream")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        s.gw.client
+            .put(s.gw.url("/private/doc?v=2"))
+            .bearer_auth(&access)
+            .header("content-type", "text/plain")
+            .body("hello upstream")
+            .send()
+            .await
+            .unwrap();
     let echo = Echo::from_response(resp).await;
     assert_eq!(echo.method, "PUT");
     assert_eq!(echo.path, "/private/doc?v=2");
@@ -234,14 +233,13 @@ async fn large_streamed_request_body_is_forwarded_intact() {
     // Proxied bodies are not subject to the 16 KiB auth-endpoint limit.
     let s = Stack::start().await;
     let body = "0123456789abcdef".repeat(64 * 1024); // 1 MiB
-    let resp = s
-        .gw
-        .client
-        .post(s.gw.url("/public/upload"))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        s.gw.client
+            .post(s.gw.url("/public/upload"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
     let echo = Echo::from_response(resp).await;
     assert_eq!(echo.body.len(), body.len());
     assert!(echo.body == body);
@@ -286,7 +284,10 @@ async fn longest_prefix_wins_on_whole_segments() {
     assert_eq!(echo.path, "/api/open/x");
     assert_eq!(s.gw.get("/api/open", None).await.status(), 200);
     // /api/opener is not under /api/open: it falls back to /api (required).
-    assert_eq!(failure(s.gw.get("/api/opener", None).await).await.status, 401);
+    assert_eq!(
+        failure(s.gw.get("/api/opener", None).await).await.status,
+        401
+    );
     assert_eq!(failure(s.gw.get("/api/x", None).await).await.status, 401);
     assert_eq!(failure(s.gw.get("/api", None).await).await.status, 401);
 }

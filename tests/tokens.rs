@@ -13,7 +13,11 @@ async fn assert_rejected(s: &Stack, token: &str, what: &str) -> Failure {
     let before = s.upstream.hits();
     let f = failure(s.gw.get("/private/resource", Some(token)).await).await;
     assert_invalid_token(&f, what);
-    assert_eq!(s.upstream.hits(), before, "{what}: forwarded to the upstream");
+    assert_eq!(
+        s.upstream.hits(),
+        before,
+        "{what}: forwarded to the upstream"
+    );
     f
 }
 
@@ -60,7 +64,10 @@ async fn forward_token_route_passes_authorization_upstream() {
     let s = Stack::start().await;
     let (access, _) = s.gw.user("bob").await;
     let echo = Echo::from_response(s.gw.get("/token/x", Some(&access)).await).await;
-    assert_eq!(echo.values("authorization"), vec![format!("Bearer {access}")]);
+    assert_eq!(
+        echo.values("authorization"),
+        vec![format!("Bearer {access}")]
+    );
     assert_eq!(echo.values("x-auth-user"), vec!["bob"]);
 }
 
@@ -68,16 +75,15 @@ async fn forward_token_route_passes_authorization_upstream() {
 async fn two_authorization_headers_are_400_and_not_forwarded() {
     let s = Stack::start().await;
     let (access, _) = s.gw.user("carl").await;
-    for path in ["/private", "/public"] {
-        let resp = s
-            .gw
-            .client
-            .get(s.gw.url(path))
-            .header("authorization", format!("Bearer {access}"))
-            .header("authorization", format!("Bearer {access}"))
-            .send()
-            .await
-            .unwrap();
+    for path in ["/private", "/api/x"] {
+        let resp =
+            s.gw.client
+                .get(s.gw.url(path))
+                .header("authorization", format!("Bearer {access}"))
+                .header("authorization", format!("Bearer {access}"))
+                .send()
+                .await
+                .unwrap();
         let f = failure(resp).await;
         assert_eq!(f.status, 400, "{path}: {f:?}");
     }
@@ -95,17 +101,38 @@ async fn two_authorization_headers_are_400_and_not_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_bearer_or_empty_authorization_is_401() {
+async fn two_authorization_headers_on_a_public_route_are_400() {
+    // The contract's "More than one Authorization header -> 400" has no route condition.
     let s = Stack::start().await;
-    for value in ["Basic YWxpY2U6cGFzc3dvcmQ=", "Bearer", "Bearer ", "Token abc"] {
-        let resp = s
-            .gw
-            .client
-            .get(s.gw.url("/private"))
-            .header("authorization", value)
+    let resp =
+        s.gw.client
+            .get(s.gw.url("/public/x"))
+            .header("authorization", "Bearer a")
+            .header("authorization", "Bearer b")
             .send()
             .await
             .unwrap();
+    let status = resp.status();
+    assert_eq!(status, 400, "{}", resp.text().await.unwrap());
+    assert_eq!(s.upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_bearer_or_empty_authorization_is_401() {
+    let s = Stack::start().await;
+    for value in [
+        "Basic YWxpY2U6cGFzc3dvcmQ=",
+        "Bearer",
+        "Bearer ",
+        "Token abc",
+    ] {
+        let resp =
+            s.gw.client
+                .get(s.gw.url("/private"))
+                .header("authorization", value)
+                .send()
+                .await
+                .unwrap();
         let f = failure(resp).await;
         assert_eq!(f.status, 401, "{value:?}: {f:?}");
         assert!(
@@ -160,7 +187,11 @@ async fn token_signed_with_another_algorithm_is_rejected() {
 async fn token_signed_with_a_wrong_secret_is_rejected() {
     let s = Stack::start().await;
     let c = claims("alice", "access");
-    let t = mint(Algorithm::HS256, b"some-other-secret-of-at-least-32-bytes!!", &c);
+    let t = mint(
+        Algorithm::HS256,
+        b"some-other-secret-of-at-least-32-bytes!!",
+        &c,
+    );
     assert_rejected(&s, &t, "wrong secret").await;
     let t = mint(Algorithm::HS256, b"", &c);
     assert_rejected(&s, &t, "empty secret").await;
@@ -214,7 +245,12 @@ async fn nbf_or_iat_in_the_future_is_rejected() {
     let s = Stack::start().await;
     let c = claims("alice", "access");
     let t = now();
-    assert_rejected(&s, &mint_valid(&with(c.clone(), "nbf", json!(t + 300))), "nbf").await;
+    assert_rejected(
+        &s,
+        &mint_valid(&with(c.clone(), "nbf", json!(t + 300))),
+        "nbf",
+    )
+    .await;
     assert_rejected(&s, &mint_valid(&with(c, "iat", json!(t + 300))), "iat").await;
 }
 
@@ -225,13 +261,17 @@ async fn leeway_allows_small_clock_skew_only() {
     let c = claims("alice", "access");
     let skewed = with(with(c.clone(), "iat", json!(t + 30)), "nbf", json!(t + 30));
     assert_eq!(
-        s.gw.get("/private", Some(&mint_valid(&skewed))).await.status(),
+        s.gw.get("/private", Some(&mint_valid(&skewed)))
+            .await
+            .status(),
         200,
         "30 s of skew is within a 60 s leeway"
     );
     let just_expired = with(c.clone(), "exp", json!(t - 30));
     assert_eq!(
-        s.gw.get("/private", Some(&mint_valid(&just_expired))).await.status(),
+        s.gw.get("/private", Some(&mint_valid(&just_expired)))
+            .await
+            .status(),
         200
     );
     let far = with(c, "iat", json!(t + 300));
@@ -242,8 +282,18 @@ async fn leeway_allows_small_clock_skew_only() {
 async fn wrong_or_missing_type_is_rejected() {
     let s = Stack::start().await;
     let c = claims("alice", "access");
-    assert_rejected(&s, &mint_valid(&with(c.clone(), "type", json!("refresh"))), "refresh").await;
-    assert_rejected(&s, &mint_valid(&with(c.clone(), "type", json!("admin"))), "admin").await;
+    assert_rejected(
+        &s,
+        &mint_valid(&with(c.clone(), "type", json!("refresh"))),
+        "refresh",
+    )
+    .await;
+    assert_rejected(
+        &s,
+        &mint_valid(&with(c.clone(), "type", json!("admin"))),
+        "admin",
+    )
+    .await;
     assert_rejected(&s, &mint_valid(&with(c, "type", json!(1))), "numeric type").await;
 }
 
@@ -252,7 +302,10 @@ async fn every_required_claim_missing_is_rejected() {
     let s = Stack::start().await;
     let c = claims("alice", "access");
     // Sanity: the complete set is accepted.
-    assert_eq!(s.gw.get("/private", Some(&mint_valid(&c))).await.status(), 200);
+    assert_eq!(
+        s.gw.get("/private", Some(&mint_valid(&c))).await.status(),
+        200
+    );
     for key in ["sub", "iat", "nbf", "exp", "jti", "iss", "type"] {
         let t = mint_valid(&without(c.clone(), key));
         assert_rejected(&s, &t, &format!("missing {key}")).await;
@@ -287,7 +340,11 @@ async fn revoked_jti_written_directly_to_redis_is_rejected_on_next_request() {
     let jti = decode_claims(&access)["jti"].as_str().unwrap().to_owned();
     let () = s
         .redis
-        .query(redis::cmd("SET").arg(format!("keycard:revoked:{jti}")).arg("1"))
+        .query(
+            redis::cmd("SET")
+                .arg(format!("keycard:revoked:{jti}"))
+                .arg("1"),
+        )
         .await;
     let hits = s.upstream.hits();
     let f = failure(s.gw.get("/private", Some(&access)).await).await;
@@ -310,7 +367,10 @@ async fn revocation_of_an_externally_minted_token_uses_its_jti() {
     let token = mint_valid(&c);
     assert_eq!(s.gw.get("/private", Some(&token)).await.status(), 200);
     let key = format!("keycard:revoked:{}", c["jti"].as_str().unwrap());
-    let () = s.redis.query(redis::cmd("SET").arg(&key).arg("1").arg("EX").arg(600)).await;
+    let () = s
+        .redis
+        .query(redis::cmd("SET").arg(&key).arg("1").arg("EX").arg(600))
+        .await;
     let f = failure(s.gw.get("/private", Some(&token)).await).await;
     assert_eq!(f.msg, "Token has been revoked");
 }
@@ -323,17 +383,28 @@ async fn revocation_uses_the_configured_store_prefix() {
     // The default prefix means nothing here.
     let () = s
         .redis
-        .query(redis::cmd("SET").arg(format!("keycard:revoked:{jti}")).arg("1"))
+        .query(
+            redis::cmd("SET")
+                .arg(format!("keycard:revoked:{jti}"))
+                .arg("1"),
+        )
         .await;
     assert_eq!(s.gw.get("/private", Some(&access)).await.status(), 200);
     let () = s
         .redis
-        .query(redis::cmd("SET").arg(format!("kc-test:revoked:{jti}")).arg("1"))
+        .query(
+            redis::cmd("SET")
+                .arg(format!("kc-test:revoked:{jti}"))
+                .arg("1"),
+        )
         .await;
     let f = failure(s.gw.get("/private", Some(&access)).await).await;
     assert_eq!(f.msg, "Token has been revoked");
     // Logout writes under the prefix too, and users live there.
-    let keys: Vec<String> = s.redis.query(redis::cmd("KEYS").arg("kc-test:user:*")).await;
+    let keys: Vec<String> = s
+        .redis
+        .query(redis::cmd("KEYS").arg("kc-test:user:*"))
+        .await;
     assert_eq!(keys, vec!["kc-test:user:heidi".to_owned()]);
 }
 

@@ -129,7 +129,10 @@ impl RedisServer {
                 }
             }
         }
-        panic!("could not restart redis-server on port {}: {last}", self.port);
+        panic!(
+            "could not restart redis-server on port {}: {last}",
+            self.port
+        );
     }
 
     fn try_start(&mut self) -> Result<(), String> {
@@ -401,7 +404,10 @@ impl Echo {
     pub async fn from_response(resp: reqwest::Response) -> Echo {
         let status = resp.status();
         let text = resp.text().await.expect("read body");
-        assert_eq!(status, 200, "expected the upstream's 200, got {status}: {text}");
+        assert_eq!(
+            status, 200,
+            "expected the upstream's 200, got {status}: {text}"
+        );
         let v: Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("upstream body is not JSON ({e}): {text}"));
         Echo::parse(&v)
@@ -709,7 +715,10 @@ impl Gateway {
         assert_eq!(status, 200, "login {user}: {body}");
         (
             body["access_token"].as_str().expect("access_token").into(),
-            body["refresh_token"].as_str().expect("refresh_token").into(),
+            body["refresh_token"]
+                .as_str()
+                .expect("refresh_token")
+                .into(),
         )
     }
 
@@ -726,7 +735,9 @@ impl Gateway {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        req.send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// Signals shutdown without waiting.
