@@ -16,6 +16,7 @@
 //!
 //! - [`config`]: the TOML file parsed once into typed structs. Pure.
 //! - [`server`]: listeners, connection handling, graceful shutdown.
+//! - [`framing`]: refuses requests with ambiguous HTTP/1 framing (request smuggling).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
 //! - [`gateway`]: the per-request service and access log.
 //! - [`error`]: the one error enum and its one mapping to responses.
@@ -30,6 +31,7 @@ pub mod body;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod framing;
 pub mod gateway;
 pub mod metrics;
 pub mod proxy;

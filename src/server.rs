@@ -23,6 +23,7 @@ use crate::auth::Auth;
 use crate::auth::store::Store;
 use crate::body::Body;
 use crate::config::Config;
+use crate::framing::Guarded;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
@@ -175,7 +176,7 @@ async fn serve<F, Fut>(
             async move { Ok::<_, Infallible>(handler(request, peer).await) }
         });
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(Guarded::new(stream, MAX_HEAD)), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -1,0 +1,443 @@
+//! Framing: rejects ambiguous HTTP/1.1 message framing before hyper parses it.
+//!
+//! RFC 9112 §6.3 says a request with both `Transfer-Encoding` and `Content-Length` "ought to
+//! be handled as an error", because a front end and a back end that disagree on which one
+//! frames the body can be made to see two different requests (request smuggling). hyper
+//! instead drops `Content-Length`, reads the body as chunked and closes afterwards; the request
+//! itself still reaches the handler, with no trace of the second header. keycard's contract is
+//! stricter: such a request is answered 400, the connection is closed, nothing is forwarded.
+//!
+//! [`Guarded`] wraps the client's stream and follows the byte stream the way a server would:
+//! it parses each request head (holding its bytes back until the head is complete, which
+//! hyper must wait for anyway), then skips the body by its `Content-Length` or by walking the
+//! chunked encoding, then expects the next head. When a head carries both framing headers it
+//! hands hyper an unparseable head instead, so hyper answers 400 and closes. Anything it cannot
+//! follow (an HTTP/2 preface, an `Upgrade` or `CONNECT`, a head that does not parse or is too
+//! large) switches it to plain pass-through: hyper is still the one that rejects malformed
+//! input, this guard only adds the one refusal hyper does not make.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What hyper is given instead of a head with ambiguous framing: a method with a control
+/// byte, which no HTTP parser accepts.
+const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+
+/// Header slots for our parse; a head with more is left to hyper (which answers 431 past 100).
+const MAX_HEADERS: usize = 128;
+
+/// Where the scanner is in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Expecting (more of) a request head.
+    Head,
+    /// Inside a body of known length: this many bytes left.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// Not following the stream any more; every byte goes straight through.
+    Passthrough,
+    /// A head was refused; nothing more is read from the client.
+    Rejected,
+}
+
+/// Positions inside the chunked transfer coding (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading hex digits of a chunk size; the value so far.
+    Size(u64),
+    /// Skipping a chunk extension up to CR, remembering the size.
+    Ext(u64),
+    /// After the size line's CR, expecting LF.
+    SizeLf(u64),
+    /// Inside chunk data: bytes left.
+    Data(u64),
+    /// After chunk data, expecting CR.
+    DataCr,
+    /// After chunk data's CR, expecting LF.
+    DataLf,
+    /// In the trailer section; whether the current line is still empty.
+    Trailer { line_empty: bool },
+    /// After a trailer line's CR, expecting LF.
+    TrailerLf { line_empty: bool },
+}
+
+/// The stream follower, pure so it can be tested without sockets.
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    /// Bytes read from the client and not yet handed to hyper.
+    pending: Vec<u8>,
+    /// How many bytes at the front of `pending` have been checked and may be handed over.
+    ready: usize,
+    /// Largest head we wait for before giving up and letting hyper answer 431.
+    max_head: usize,
+}
+
+impl Scanner {
+    /// A scanner that waits for heads of at most `max_head` bytes.
+    pub fn new(max_head: usize) -> Scanner {
+        Scanner {
+            state: State::Head,
+            pending: Vec::new(),
+            ready: 0,
+            max_head,
+        }
+    }
+
+    /// Takes bytes read from the client.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.state == State::Rejected {
+            return;
+        }
+        self.pending.extend_from_slice(data);
+        self.advance();
+    }
+
+    /// The end of the client's stream: whatever is held back is released for hyper to judge.
+    pub fn finish(&mut self) {
+        if self.state != State::Rejected {
+            self.ready = self.pending.len();
+        }
+    }
+
+    /// Bytes that may be handed to hyper now.
+    pub fn ready(&self) -> &[u8] {
+        &self.pending[..self.ready]
+    }
+
+    /// Marks `n` ready bytes as handed over.
+    pub fn consume(&mut self, n: usize) {
+        let n = n.min(self.ready);
+        self.pending.drain(..n);
+        self.ready -= n;
+    }
+
+    /// Walks `pending[ready..]` as far as the state machine can.
+    fn advance(&mut self) {
+        while self.ready < self.pending.len() {
+            match self.state {
+                State::Passthrough => self.ready = self.pending.len(),
+                State::Rejected => return,
+                State::Head => {
+                    if !self.head() {
+                        return;
+                    }
+                }
+                State::Body(left) => {
+                    let avail = (self.pending.len() - self.ready) as u64;
+                    let take = left.min(avail);
+                    self.ready += take as usize;
+                    self.state = if take == left {
+                        State::Head
+                    } else {
+                        State::Body(left - take)
+                    };
+                }
+                State::Chunked(chunk) => self.chunk(chunk),
+            }
+        }
+    }
+
+    /// Tries to parse one head at `ready`. Returns false when more bytes are needed.
+    fn head(&mut self) -> bool {
+        let bytes = &self.pending[self.ready..];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let len = match request.parse(bytes) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => {
+                if bytes.len() > self.max_head {
+                    self.state = State::Passthrough;
+                    return true;
+                }
+                return false;
+            }
+            // Malformed, an HTTP/2 preface, too many headers: hyper decides.
+            Err(_) => {
+                self.state = State::Passthrough;
+                return true;
+            }
+        };
+        let (mut content_length, mut chunked, mut transfer_encoding, mut upgrade) =
+            (None, false, false, false);
+        for header in request.headers.iter() {
+            if header.name.eq_ignore_ascii_case("content-length") {
+                content_length = std::str::from_utf8(header.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .or(Some(u64::MAX));
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = true;
+                // Per RFC 9112 §6.1 chunked must be the final coding; only its presence
+                // matters for following the stream.
+                chunked = header.value.to_ascii_lowercase().ends_with(b"chunked");
+            } else if header.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        let connect = request.method == Some("CONNECT");
+        if transfer_encoding && content_length.is_some() {
+            self.pending.truncate(self.ready);
+            self.pending.extend_from_slice(REJECTED_HEAD);
+            self.ready = self.pending.len();
+            self.state = State::Rejected;
+            return true;
+        }
+        self.ready += len;
+        self.state = if upgrade || connect {
+            // After a 101 or a tunnel the bytes are not HTTP; stop following.
+            State::Passthrough
+        } else if transfer_encoding {
+            if chunked {
+                State::Chunked(Chunk::Size(0))
+            } else {
+                // hyper refuses a non-chunked request coding; nothing to follow after it.
+                State::Passthrough
+            }
+        } else {
+            match content_length {
+                Some(u64::MAX) => State::Passthrough,
+                Some(0) | None => State::Head,
+                Some(n) => State::Body(n),
+            }
+        };
+        true
+    }
+
+    /// Consumes chunked-coding bytes; anything unexpected means pass-through (hyper will
+    /// refuse the malformed body itself).
+    fn chunk(&mut self, chunk: Chunk) {
+        if let Chunk::Data(left) = chunk {
+            let avail = (self.pending.len() - self.ready) as u64;
+            let take = left.min(avail);
+            self.ready += take as usize;
+            self.state = State::Chunked(if take == left {
+                Chunk::DataCr
+            } else {
+                Chunk::Data(left - take)
+            });
+            return;
+        }
+        let byte = self.pending[self.ready];
+        self.ready += 1;
+        let next = match (chunk, byte) {
+            (Chunk::Size(n), b) if b.is_ascii_hexdigit() => {
+                let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+                match n.checked_mul(16).and_then(|n| n.checked_add(digit)) {
+                    Some(n) => State::Chunked(Chunk::Size(n)),
+                    None => State::Passthrough,
+                }
+            }
+            (Chunk::Size(n), b';' | b' ' | b'\t') => State::Chunked(Chunk::Ext(n)),
+            (Chunk::Size(n) | Chunk::Ext(n), b'\r') => State::Chunked(Chunk::SizeLf(n)),
+            (Chunk::Ext(n), _) => State::Chunked(Chunk::Ext(n)),
+            (Chunk::SizeLf(0), b'\n') => State::Chunked(Chunk::Trailer { line_empty: true }),
+            (Chunk::SizeLf(n), b'\n') => State::Chunked(Chunk::Data(n)),
+            (Chunk::DataCr, b'\r') => State::Chunked(Chunk::DataLf),
+            (Chunk::DataLf, b'\n') => State::Chunked(Chunk::Size(0)),
+            (Chunk::Trailer { line_empty }, b'\r') => {
+                State::Chunked(Chunk::TrailerLf { line_empty })
+            }
+            (Chunk::Trailer { .. }, _) => State::Chunked(Chunk::Trailer { line_empty: false }),
+            (Chunk::TrailerLf { line_empty: true }, b'\n') => State::Head,
+            (Chunk::TrailerLf { line_empty: false }, b'\n') => {
+                State::Chunked(Chunk::Trailer { line_empty: true })
+            }
+            _ => State::Passthrough,
+        };
+        self.state = next;
+    }
+}
+
+/// A client stream whose reads go through a [`Scanner`]. Writes pass straight through.
+#[derive(Debug)]
+pub struct Guarded<T> {
+    inner: T,
+    scanner: Scanner,
+    eof: bool,
+}
+
+impl<T> Guarded<T> {
+    /// Wraps `inner`, waiting for heads of at most `max_head` bytes.
+    pub fn new(inner: T, max_head: usize) -> Guarded<T> {
+        Guarded {
+            inner,
+            scanner: Scanner::new(max_head),
+            eof: false,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            let ready = this.scanner.ready();
+            if !ready.is_empty() {
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(&ready[..n]);
+                this.scanner.consume(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof || this.scanner.state == State::Rejected {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if read.filled().is_empty() {
+                        this.eof = true;
+                        this.scanner.finish();
+                    } else {
+                        this.scanner.push(read.filled());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes and returns what hyper would see.
+    fn run(input: &[u8], step: usize) -> (Vec<u8>, State) {
+        let mut scanner = Scanner::new(1024);
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            scanner.push(piece);
+            out.extend_from_slice(scanner.ready());
+            let n = scanner.ready().len();
+            scanner.consume(n);
+        }
+        (out, scanner.state)
+    }
+
+    fn every_step(input: &[u8]) -> Vec<(Vec<u8>, State)> {
+        (1..=input.len()).map(|step| run(input, step)).collect()
+    }
+
+    #[test]
+    fn plain_requests_pass_unchanged() {
+        let input = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /y HTTP/1.1\r\n\r\n";
+        for (out, state) in every_step(input) {
+            assert_eq!(out, input);
+            assert_eq!(state, State::Head);
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_the_next_head() {
+        let input = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        for (out, state) in every_step(input) {
+            assert_eq!(out, input);
+            assert_eq!(state, State::Head);
+        }
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_replaced() {
+        for input in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                [..],
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\n"
+                [..],
+        ] {
+            for (out, state) in every_step(input) {
+                assert_eq!(out, REJECTED_HEAD);
+                assert_eq!(state, State::Rejected);
+            }
+        }
+    }
+
+    #[test]
+    fn smuggled_second_request_is_caught_after_a_body() {
+        let input = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /admin HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (out, state) = run(input, 7);
+        assert!(out.ends_with(REJECTED_HEAD));
+        assert!(out.starts_with(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"));
+        assert_eq!(state, State::Rejected);
+    }
+
+    #[test]
+    fn head_is_held_back_until_complete() {
+        let mut scanner = Scanner::new(1024);
+        scanner.push(b"GET / HTTP/1.1\r\nHost:");
+        assert!(scanner.ready().is_empty());
+        scanner.push(b" a\r\n\r\n");
+        assert_eq!(scanner.ready().len(), 27);
+    }
+
+    #[test]
+    fn upgrades_and_http2_switch_to_passthrough() {
+        let (out, state) = run(
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05Transfer-Encoding",
+            4,
+        );
+        assert_eq!(state, State::Passthrough);
+        assert!(out.ends_with(b"Transfer-Encoding"));
+        let (_, state) = run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 3);
+        assert_eq!(state, State::Passthrough);
+    }
+
+    #[test]
+    fn oversized_or_malformed_heads_are_left_to_hyper() {
+        let mut scanner = Scanner::new(16);
+        scanner.push(b"GET / HTTP/1.1\r\nX: yyyyyyyyyyyyyyyyyyyy");
+        assert_eq!(scanner.state, State::Passthrough);
+        let (out, state) = run(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 5);
+        assert_eq!(state, State::Passthrough);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nbad header\r\n\r\n");
+    }
+
+    #[test]
+    fn eof_releases_a_partial_head() {
+        let mut scanner = Scanner::new(1024);
+        scanner.push(b"GET / HT");
+        assert!(scanner.ready().is_empty());
+        scanner.finish();
+        assert_eq!(scanner.ready(), b"GET / HT");
+    }
+}
