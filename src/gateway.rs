@@ -163,8 +163,8 @@ impl Gateway {
 }
 
 /// Header-level checks hyper does not make: total size (hyper's buffer limit is looser, see
-/// [`crate::server::MAX_HEAD`]) and a single `Host` (RFC 9112 §3.2: more than one is 400, since
-/// the gateway and the upstream might each pick a different one).
+/// [`crate::server::MAX_HEAD`]), a single `Host` (RFC 9112 §3.2: more than one is 400, since
+/// the gateway and the upstream might each pick a different one) and a single `Authorization`.
 fn check_headers(headers: &http::HeaderMap) -> Result<(), RequestError> {
     let size: usize = headers
         .iter()
@@ -175,6 +175,18 @@ fn check_headers(headers: &http::HeaderMap) -> Result<(), RequestError> {
     }
     if headers.get_all(http::header::HOST).iter().nth(1).is_some() {
         return Err(RequestError::BadRequest("Multiple Host headers".into()));
+    }
+    // On every route, public ones too: an upstream that reads auth itself must never have to
+    // guess which of two credentials is meant.
+    if headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(RequestError::BadRequest(
+            "Multiple Authorization headers".into(),
+        ));
     }
     Ok(())
 }

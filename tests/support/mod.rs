@@ -503,6 +503,10 @@ pub struct GatewayOpts {
     pub shutdown_timeout: Option<String>,
     /// Tiny argon2 parameters (64 KiB, 1 iteration) unless false.
     pub fast_passwords: bool,
+    /// `identity.user_header` (default `X-Auth-User`).
+    pub user_header: String,
+    /// `identity.prefix`, when set.
+    pub identity_prefix: Option<String>,
 }
 
 impl GatewayOpts {
@@ -530,6 +534,8 @@ impl GatewayOpts {
             header_read_timeout: None,
             shutdown_timeout: None,
             fast_passwords: true,
+            user_header: "X-Auth-User".into(),
+            identity_prefix: None,
         }
     }
 
@@ -570,7 +576,13 @@ impl GatewayOpts {
                 t.push_str(&format!("{k} = {}\n", q(v)));
             }
         }
-        t.push_str("\n[identity]\nuser_header = \"X-Auth-User\"\n");
+        t.push_str(&format!(
+            "\n[identity]\nuser_header = {}\n",
+            q(&self.user_header)
+        ));
+        if let Some(v) = &self.identity_prefix {
+            t.push_str(&format!("prefix = {}\n", q(v)));
+        }
         if self.fast_passwords {
             t.push_str("\n[passwords]\nmemory_kib = 64\niterations = 1\nparallelism = 1\n");
         }
