@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::Auth;
-use super::token::{IssuedPair, TokenType, remaining};
+use super::token::{IssuedPair, TokenType};
 use crate::body::{self, Body};
 use crate::error::RequestError;
 
@@ -115,7 +115,9 @@ impl Auth {
                 let claims = self
                     .authenticate(request.headers(), TokenType::Access)
                     .await?;
-                self.store.revoke(&claims.jti, remaining(&claims)).await?;
+                self.store
+                    .revoke(&claims.jti, self.tokens.revocation_ttl(&claims))
+                    .await?;
                 Ok((
                     body::json_msg(StatusCode::OK, "Token revoked"),
                     Some(claims.sub),
@@ -125,7 +127,11 @@ impl Auth {
                 let claims = self.verify_bearer(request.headers(), TokenType::Refresh)?;
                 // Revoking with SET NX both checks and rotates in one round trip: of two
                 // racing uses of one refresh token, exactly one gets a new pair.
-                if !self.store.revoke(&claims.jti, remaining(&claims)).await? {
+                if !self
+                    .store
+                    .revoke(&claims.jti, self.tokens.revocation_ttl(&claims))
+                    .await?
+                {
                     return Err(RequestError::Revoked);
                 }
                 let pair = self.tokens.issue_pair(&claims.sub)?;

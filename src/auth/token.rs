@@ -215,6 +215,13 @@ impl Tokens {
         })
     }
 
+    /// How long a revocation entry for `claims` must live: until the token would stop being
+    /// accepted, which is `exp` plus the clock leeway. A shorter entry would let a revoked
+    /// token work again for the leeway's length.
+    pub fn revocation_ttl(&self, claims: &Claims) -> Duration {
+        remaining(claims) + Duration::from_secs(self.leeway)
+    }
+
     /// Checks a presented token completely (except revocation, which needs the store) and
     /// returns its claims.
     ///
@@ -280,9 +287,6 @@ impl Tokens {
 }
 
 /// Time left until `claims.exp`, at least one second.
-///
-/// Used as the TTL of a revocation entry: the entry must outlive the token, and a zero TTL
-/// would mean "no expiry" or an error in some stores.
 pub fn remaining(claims: &Claims) -> Duration {
     let now = now_secs().unwrap_or(0);
     Duration::from_secs(claims.exp.saturating_sub(now).max(1))
@@ -723,5 +727,30 @@ mod tests {
         let bytes = format!("{:?}", SECRET.to_vec());
         assert!(!debug.contains(&bytes[1..20]));
         assert!(debug.contains("keycard"));
+    }
+}
+
+#[cfg(test)]
+mod revocation_tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn revocation_outlives_the_token_by_the_leeway() {
+        let config = TokenConfig {
+            algorithm: Algorithm::HS256,
+            secret: Secret::new(b"0123456789abcdef0123456789abcdef".to_vec()),
+            issuer: "keycard".into(),
+            access_ttl: Duration::from_secs(600),
+            refresh_ttl: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+        };
+        let tokens = Tokens::new(&config);
+        let (_, claims) = tokens.issue("alice", TokenType::Access).unwrap();
+        let ttl = tokens.revocation_ttl(&claims);
+        assert!(
+            ttl >= Duration::from_secs(629) && ttl <= Duration::from_secs(630),
+            "{ttl:?}"
+        );
     }
 }
