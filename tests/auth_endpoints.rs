@@ -682,3 +682,46 @@ async fn memory_store_end_to_end() {
     assert_eq!(ready.status(), 200);
     assert_eq!(upstream.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_with_invalid_fields_is_400_not_401() {
+    let s = Stack::start().await;
+    let long_name = "a".repeat(65);
+    for body in [
+        json!({ "username": "bad name", "password": PASSWORD }),
+        json!({ "username": long_name, "password": PASSWORD }),
+        json!({ "username": "ok", "password": "p".repeat(1025) }),
+    ] {
+        let f = failure(post_json(&s.gw, "/login", &body).await).await;
+        assert_eq!(f.status, 400, "{f:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_logins_are_throttled_with_429_and_retry_after() {
+    let s = Stack::start().await;
+    assert_eq!(s.gw.register("victim", PASSWORD).await.status(), 201);
+    let mut throttled = None;
+    for i in 0..100 {
+        let resp = s.gw.login_raw("victim", &format!("guess-{i:04}")).await;
+        if resp.status() == 429 {
+            throttled = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status(), 401);
+    }
+    let resp = throttled.expect("100 wrong passwords for one user in a row were never throttled");
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .expect("429 carries Retry-After")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        retry.parse::<u64>().is_ok_and(|n| n >= 1),
+        "Retry-After {retry}"
+    );
+    let f = failure(resp).await;
+    assert!(!f.msg.is_empty());
+}

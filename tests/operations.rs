@@ -486,6 +486,21 @@ fn check_accepts_the_shipped_config_and_prints_routes() {
 }
 
 #[test]
+fn check_uses_config_keycard_toml_by_default() {
+    let out = run_bounded(
+        keycard_bin()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("check"),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn check_prints_every_route_of_a_valid_config() {
     let dir = temp_dir();
     let path = dir.join("ok.toml");
@@ -522,6 +537,10 @@ fn check_reports_every_error_with_its_key_and_fails() {
         stderr.contains("tokens.secret"),
         "short secret not named:\n{stderr}"
     );
+    assert!(
+        stderr.contains("line"),
+        "errors are printed with their location:\n{stderr}"
+    );
     // Running (not just checking) the same file fails the same way.
     let out = run_bounded(keycard_bin().arg("--config").arg(&path));
     assert!(!out.status.success());
@@ -531,7 +550,7 @@ fn check_reports_every_error_with_its_key_and_fails() {
 /// Starts the binary, waits for /healthz, makes one proxied request, sends SIGTERM and
 /// expects a clean exit 0. Both `--config` and `KEYCARD_CONFIG`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_serves_and_exits_zero_on_sigterm_with_json_logs() {
+async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
     let upstream = Upstream::start().await;
     for via_env in [false, true] {
         let dir = temp_dir();
@@ -587,8 +606,9 @@ async fn binary_serves_and_exits_zero_on_sigterm_with_json_logs() {
             .unwrap();
         assert_eq!(resp.status(), 200);
 
+        // SIGTERM for the --config run, SIGINT for the KEYCARD_CONFIG one.
         let term = Command::new("kill")
-            .arg("-TERM")
+            .arg(if via_env { "-INT" } else { "-TERM" })
             .arg(child.id().to_string())
             .status()
             .unwrap();

@@ -528,3 +528,101 @@ async fn incomplete_headers_are_closed_after_header_read_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(800));
     assert_eq!(s.upstream.hits(), 0);
 }
+
+// ----------------------------------------------------------------------------- more identity
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_route_with_a_valid_token_still_injects_no_identity() {
+    let s = Stack::start().await;
+    let (access, _) = s.gw.user("pat").await;
+    let echo = Echo::from_response(s.gw.get("/public/who", Some(&access)).await).await;
+    assert_identity(&echo, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_user_header_outside_the_prefix_is_stripped_and_injected() {
+    // The header the gateway may inject is the gateway's alone even when it does not start
+    // with identity.prefix.
+    let s = Stack::start_with(|o| {
+        o.user_header = "X-Remote-User".into();
+        o.identity_prefix = Some("X-Ident-".into());
+    })
+    .await;
+    let spoofs = [
+        "X-Remote-User: admin",
+        "x_remote_user: admin2",
+        "X.Remote.User: admin3",
+        "X-Ident-Role: boss",
+        "X_IDENT_GROUPS: wheel",
+    ];
+    let r = raw_request(s.gw.addr, &raw_get("/public/c", &spoofs)).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert!(
+        echo.identity_like("x-remote-user").is_empty(),
+        "{:?}",
+        echo.headers
+    );
+    assert!(
+        echo.identity_like("x-ident-").is_empty(),
+        "{:?}",
+        echo.headers
+    );
+
+    let (access, _) = s.gw.user("quinn").await;
+    let auth = format!("Authorization: Bearer {access}");
+    let mut headers = spoofs.to_vec();
+    headers.push(&auth);
+    let r = raw_request(s.gw.addr, &raw_get("/private/c", &headers)).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert_eq!(
+        echo.identity_like("x-remote-user"),
+        vec![("x-remote-user".to_owned(), "quinn".to_owned())]
+    );
+    assert!(
+        echo.identity_like("x-ident-").is_empty(),
+        "{:?}",
+        echo.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_are_stripped_even_when_auth_fails_on_other_routes() {
+    // A rejected request never reaches the upstream at all, whatever it carried.
+    let s = Stack::start().await;
+    let r = raw_request(
+        s.gw.addr,
+        &raw_get(
+            "/private/x",
+            &["X-Auth-User: admin", "Authorization: Bearer junk"],
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert_eq!(s.upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_written_errors_are_json_msg_bodies() {
+    let s = Stack::start().await;
+    let long = format!("/public/{}", "a".repeat(9 * 1024));
+    let big = format!("X-Big: {}", "a".repeat(33 * 1024));
+    for (req, status) in [
+        (raw_get("/nope", &[]), 404),
+        (raw_get("/public/%2e%2e/x", &[]), 400),
+        (raw_get(&long, &[]), 414),
+        (raw_get("/public/h", &[&big]), 431),
+    ] {
+        let r = raw_request(s.gw.addr, &req).await;
+        assert_eq!(r.status, status, "{}", r.head);
+        assert!(
+            r.head
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{status}: {}",
+            r.head
+        );
+        assert!(r.msg().is_some(), "{status}: body {:?}", r.body_text());
+    }
+}
