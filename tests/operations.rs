@@ -656,3 +656,21 @@ impl Drop for KillOnDrop {
             .status();
     }
 }
+
+#[test]
+fn config_secret_file_is_read_as_the_secret() {
+    let dir = temp_dir();
+    let secret_path = dir.join("secret");
+    let secret = "file-secret-0123456789-0123456789-abcdef";
+    std::fs::write(&secret_path, secret).unwrap();
+    let toml = base_toml().replace(
+        "secret = \"${KEYCARD_SECRET}\"",
+        &format!(
+            "secret_file = {}",
+            serde_json::to_string(secret_path.to_str().unwrap()).unwrap()
+        ),
+    );
+    let c = parse(&toml).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.tokens.secret.expose(), secret.as_bytes());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -626,3 +626,50 @@ async fn gateway_written_errors_are_json_msg_bodies() {
         assert!(r.msg().is_some(), "{status}: body {:?}", r.body_text());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_is_streamed_to_the_upstream() {
+    use tokio::io::AsyncWriteExt;
+    let s = Stack::start().await;
+    let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /public/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    // The upstream records a request when its head arrives; the body is not finished yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.upstream.hits() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "upstream not reached before the request body was complete: buffered?"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stream.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let r = read_response(stream, Duration::from_secs(10)).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert_eq!(echo.body, "hello world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_after_header_read_timeout() {
+    // A client that connects and sends nothing has not completed its headers either.
+    use tokio::io::AsyncReadExt;
+    let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
+    let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 5 s");
+}

@@ -429,3 +429,20 @@ async fn every_401_on_a_protected_route_carries_www_authenticate() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_hs512_is_the_only_algorithm_accepted() {
+    let s = Stack::start_with(|o| o.algorithm = "HS512".into()).await;
+    let (access, _) = s.gw.user("olga").await;
+    let header: Value =
+        serde_json::from_slice(&b64url_decode(access.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["alg"], "HS512", "{header}");
+    assert_eq!(s.gw.get("/private", Some(&access)).await.status(), 200);
+    let c = claims("olga", "access");
+    let ok = mint(Algorithm::HS512, SECRET.as_bytes(), &c);
+    assert_eq!(s.gw.get("/private", Some(&ok)).await.status(), 200);
+    for alg in [Algorithm::HS256, Algorithm::HS384] {
+        let t = mint(alg, SECRET.as_bytes(), &c);
+        assert_rejected(&s, &t, &format!("{alg:?} when HS512 is configured")).await;
+    }
+}
