@@ -31,6 +31,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// argon2id cost and how much hashing may run at once.
     pub passwords: PasswordConfig,
+    /// Brute-force protection for `/login`.
+    pub throttle: ThrottleConfig,
     /// Routes in file order; the router sorts them for matching.
     pub routes: Vec<RouteConfig>,
 }
@@ -128,6 +130,23 @@ pub struct PasswordConfig {
     /// `passwords.queue_timeout` (default 5s): how long a login may wait for a hashing slot
     /// before it is answered 503 with `Retry-After`.
     pub queue_timeout: Duration,
+    /// `passwords.max_queue` (default 64): logins and registrations waiting for a slot beyond
+    /// this are answered 503 at once, so a login storm cannot pile up unbounded work.
+    pub max_queue: usize,
+}
+
+/// `[throttle]`: failed-login limits, counted in the store so every replica shares them.
+#[derive(Debug, Clone)]
+pub struct ThrottleConfig {
+    /// `throttle.user_limit` (default 5; 0 disables): failed logins per username per window.
+    pub user_limit: u64,
+    /// `throttle.user_window` (default 15m).
+    pub user_window: Duration,
+    /// `throttle.address_limit` (default 50; 0 disables): failed logins per client address
+    /// per window.
+    pub address_limit: u64,
+    /// `throttle.address_window` (default 15m).
+    pub address_window: Duration,
 }
 
 /// Whether a route needs a token.
@@ -380,6 +399,7 @@ const TOP_KEYS: &[&str] = &[
     "tokens",
     "identity",
     "passwords",
+    "throttle",
     "routes",
 ];
 const SERVER_KEYS: &[&str] = &[
@@ -407,6 +427,13 @@ const PASSWORD_KEYS: &[&str] = &[
     "parallelism",
     "max_concurrent",
     "queue_timeout",
+    "max_queue",
+];
+const THROTTLE_KEYS: &[&str] = &[
+    "user_limit",
+    "user_window",
+    "address_limit",
+    "address_window",
 ];
 const ROUTE_KEYS: &[&str] = &[
     "path",
@@ -796,6 +823,7 @@ impl Ctx<'_> {
         let tokens = self.tokens(root);
         let identity = self.identity(root);
         let passwords = self.passwords(root);
+        let throttle = self.throttle(root);
         let routes = self.routes(root);
         Config {
             server,
@@ -804,7 +832,31 @@ impl Ctx<'_> {
             tokens,
             identity,
             passwords,
+            throttle,
             routes,
+        }
+    }
+
+    fn throttle(&mut self, root: &DeTable<'_>) -> ThrottleConfig {
+        let sec = self.section(root, "throttle", THROTTLE_KEYS, false);
+        let fifteen = Duration::from_secs(15 * 60);
+        ThrottleConfig {
+            user_limit: self.integer(&sec, "user_limit", 5, 0, u32::MAX.into()),
+            user_window: self.duration_in(
+                &sec,
+                "user_window",
+                fifteen,
+                Duration::from_secs(1),
+                Duration::MAX,
+            ),
+            address_limit: self.integer(&sec, "address_limit", 50, 0, u32::MAX.into()),
+            address_window: self.duration_in(
+                &sec,
+                "address_window",
+                fifteen,
+                Duration::from_secs(1),
+                Duration::MAX,
+            ),
         }
     }
 
@@ -1032,12 +1084,14 @@ impl Ctx<'_> {
         let max_concurrent =
             self.integer(&sec, "max_concurrent", cpus as u64, 1, u32::MAX.into()) as usize;
         let queue_timeout = self.duration(&sec, "queue_timeout", Duration::from_secs(5), false);
+        let max_queue = self.integer(&sec, "max_queue", 64, 0, u32::MAX.into()) as usize;
         PasswordConfig {
             memory_kib,
             iterations,
             parallelism,
             max_concurrent,
             queue_timeout,
+            max_queue,
         }
     }
 

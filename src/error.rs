@@ -131,7 +131,8 @@ impl RequestError {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             TooManyRequests { retry_after, .. } | Busy { retry_after } => {
-                let secs = retry_after.as_secs().max(1);
+                // Rounded up: retrying a fraction of a second early would just be refused again.
+                let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             _ => {}

@@ -15,10 +15,17 @@
 //! follow (an HTTP/2 preface, an `Upgrade` or `CONNECT`, a head that does not parse or is too
 //! large) switches it to plain pass-through: hyper is still the one that rejects malformed
 //! input, this guard only adds the one refusal hyper does not make.
+//!
+//! It also owns the header read timeout for a connection's *first* request: hyper-util's
+//! HTTP/1-or-2 detection reads the first bytes before hyper's own header timer exists, so a
+//! client that connects and sends nothing, or half a head, would otherwise hold the
+//! connection forever. Later requests are covered by hyper's timer.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -259,15 +266,19 @@ pub struct Guarded<T> {
     inner: T,
     scanner: Scanner,
     eof: bool,
+    /// Until the first bytes are handed to hyper: when the connection is given up.
+    first_head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Guarded<T> {
-    /// Wraps `inner`, waiting for heads of at most `max_head` bytes.
-    pub fn new(inner: T, max_head: usize) -> Guarded<T> {
+    /// Wraps `inner`, waiting for heads of at most `max_head` bytes; the first head must be
+    /// complete within `header_read_timeout` of now.
+    pub fn new(inner: T, max_head: usize, header_read_timeout: Duration) -> Guarded<T> {
         Guarded {
             inner,
             scanner: Scanner::new(max_head),
             eof: false,
+            first_head_deadline: Some(Box::pin(tokio::time::sleep(header_read_timeout))),
         }
     }
 }
@@ -282,6 +293,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         loop {
             let ready = this.scanner.ready();
             if !ready.is_empty() {
+                this.first_head_deadline = None;
                 let n = ready.len().min(buf.remaining());
                 buf.put_slice(&ready[..n]);
                 this.scanner.consume(n);
@@ -293,7 +305,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(deadline) = this.first_head_deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received within header_read_timeout",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     if read.filled().is_empty() {

@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::config::{AuthMode, Config};
 use crate::error::RequestError;
 use crate::metrics::Metrics;
-use crate::proxy::headers::{IdentityHeaders, is_trusted};
+use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
 use crate::proxy::{Caller, Proxy};
 use crate::routes::{self, Router};
 
@@ -133,7 +133,8 @@ impl Gateway {
 
         if let Some(endpoint) = Endpoint::from_path(&path) {
             outcome.route = Arc::from(endpoint.name());
-            let (response, user) = self.auth.endpoint(endpoint, request).await?;
+            let client = client_ip(request.headers(), peer.ip(), &self.trusted_proxies);
+            let (response, user) = self.auth.endpoint(endpoint, request, client).await?;
             outcome.user = user;
             return Ok(response);
         }

@@ -176,7 +176,10 @@ async fn serve<F, Fut>(
             async move { Ok::<_, Infallible>(handler(request, peer).await) }
         });
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(Guarded::new(stream, MAX_HEAD)), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(Guarded::new(stream, MAX_HEAD, limits.header_read_timeout)),
+                service,
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

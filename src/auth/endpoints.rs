@@ -4,6 +4,8 @@
 //! only ones keycard ever reads, and they are capped at 16 KiB before parsing. Responses keep
 //! the Flask-JWT-Extended tutorial's shapes and messages so existing clients work unchanged.
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -11,6 +13,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::Auth;
+use super::store::LoginState;
 use super::token::{IssuedPair, TokenType};
 use crate::body::{self, Body};
 use crate::error::RequestError;
@@ -80,10 +83,14 @@ struct Credentials {
 
 impl Auth {
     /// Answers one auth endpoint request. The user (if any) is returned for the access log.
+    ///
+    /// `client` is the caller's address as far as it can be trusted (see
+    /// [`crate::proxy::headers::client_ip`]); login failures are counted against it.
     pub async fn endpoint(
         &self,
         endpoint: Endpoint,
         request: Request<Incoming>,
+        client: IpAddr,
     ) -> Result<(Response<Body>, Option<String>), RequestError> {
         endpoint.allows(request.method())?;
         match endpoint {
@@ -98,15 +105,31 @@ impl Auth {
             }
             Endpoint::Login => {
                 let creds = read_credentials(request).await?;
-                let stored = self.store.user_hash(&creds.username).await?;
-                // An unknown user is verified against a dummy hash: the same work and the same
-                // answer as a wrong password, so timing does not reveal which names exist.
+                let address = client.to_string();
+                let state = self.store.login_state(&creds.username, &address).await?;
+                // Checked before the password: while a throttle is active even the right
+                // password gets 429, or the throttle would be an oracle for guesses.
+                self.check_throttle(&state)?;
+                // An unknown user is verified against a dummy hash: the same work, the same
+                // answer and the same failure count as a wrong password, so neither timing
+                // nor throttling reveals which names exist.
                 if !self
                     .passwords
-                    .verify(&creds.password, stored.as_deref())
+                    .verify(&creds.password, state.hash.as_deref())
                     .await?
                 {
+                    self.store
+                        .record_login_failure(
+                            &creds.username,
+                            &address,
+                            self.throttle.user_window,
+                            self.throttle.address_window,
+                        )
+                        .await?;
                     return Err(RequestError::BadCredentials);
+                }
+                if state.user.count > 0 {
+                    self.store.clear_user_failures(&creds.username).await?;
                 }
                 let pair = self.tokens.issue_pair(&creds.username)?;
                 Ok((token_response(&pair), Some(creds.username)))
@@ -137,6 +160,29 @@ impl Auth {
                 let pair = self.tokens.issue_pair(&claims.sub)?;
                 Ok((token_response(&pair), Some(claims.sub)))
             }
+        }
+    }
+}
+
+impl Auth {
+    /// 429 while the username's or the address's failures have reached their limit; the
+    /// `Retry-After` is when the later of the two windows ends.
+    fn check_throttle(&self, state: &LoginState) -> Result<(), RequestError> {
+        let limits = [
+            (self.throttle.user_limit, state.user),
+            (self.throttle.address_limit, state.address),
+        ];
+        let retry_after = limits
+            .iter()
+            .filter(|(limit, counter)| *limit > 0 && counter.count >= *limit)
+            .map(|(_, counter)| counter.resets_in)
+            .max();
+        match retry_after {
+            Some(retry_after) => Err(RequestError::TooManyRequests {
+                msg: "Too many failed login attempts, try again later",
+                retry_after,
+            }),
+            None => Ok(()),
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod token;
 
 use http::{HeaderMap, header};
 
-use crate::config::Config;
+use crate::config::{Config, ThrottleConfig};
 use crate::error::RequestError;
 use password::Passwords;
 use store::Store;
@@ -30,6 +30,8 @@ pub struct Auth {
     pub passwords: Passwords,
     /// Users and revocations.
     pub store: Store,
+    /// Failed-login limits.
+    pub throttle: ThrottleConfig,
 }
 
 impl Auth {
@@ -39,6 +41,7 @@ impl Auth {
             tokens: Tokens::new(&config.tokens),
             passwords: Passwords::new(&config.passwords)?,
             store,
+            throttle: config.throttle.clone(),
         })
     }
 

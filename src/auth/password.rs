@@ -5,12 +5,14 @@
 //!
 //! argon2 is deliberately expensive (tens of milliseconds of CPU and megabytes of memory per
 //! call), so every call:
-//! 1. waits at most `queue_timeout` for one of `max_concurrent` slots, failing with
-//!    [`PasswordError::Busy`] (the caller answers 503 + `Retry-After`) instead of queueing
-//!    without bound and letting a login flood eat all memory;
+//! 1. takes one of `max_concurrent` slots, or queues for one behind at most `max_queue`
+//!    others and for at most `queue_timeout`, failing with [`PasswordError::Busy`] (the caller
+//!    answers 503 + `Retry-After`) instead of queueing without bound and letting a login flood
+//!    eat memory and latency;
 //! 2. runs on tokio's blocking pool, holding its slot until the hash is done.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
@@ -36,6 +38,9 @@ pub struct Passwords {
     params: Params,
     permits: Arc<Semaphore>,
     queue_timeout: Duration,
+    /// Calls currently waiting for a slot, and how many may.
+    waiting: AtomicUsize,
+    max_queue: usize,
     /// Hash of a random password with the current parameters; verified against when the user
     /// does not exist, so "no such user" costs as much as "wrong password" and response time
     /// does not reveal which usernames are registered.
@@ -83,6 +88,8 @@ impl Passwords {
             params,
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
             queue_timeout: config.queue_timeout,
+            waiting: AtomicUsize::new(0),
+            max_queue: config.max_queue,
             dummy_phc: dummy_phc.into(),
         })
     }
@@ -114,6 +121,33 @@ impl Passwords {
         Ok(known_user && matched)
     }
 
+    /// Joins the bounded queue for a slot: refused at once when `max_queue` calls already
+    /// wait, and after `queue_timeout` otherwise.
+    async fn queue_for_permit(&self) -> Result<OwnedSemaphorePermit, PasswordError> {
+        /// Leaves the queue however the wait ends, including the request being dropped
+        /// mid-wait when its client disconnects.
+        struct InQueue<'a>(&'a AtomicUsize);
+        impl Drop for InQueue<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _in_queue = InQueue(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            return Err(PasswordError::Busy);
+        }
+        let acquired = tokio::time::timeout(
+            self.queue_timeout,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await;
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(PasswordError::Internal("hashing semaphore closed".into())),
+            Err(_elapsed) => Err(PasswordError::Busy),
+        }
+    }
+
     /// Waits (bounded) for a hashing slot, then runs `work` on the blocking pool with the slot
     /// held until it finishes.
     async fn run_bounded<T, F>(&self, work: F) -> Result<T, PasswordError>
@@ -121,17 +155,9 @@ impl Passwords {
         T: Send + 'static,
         F: FnOnce() -> Result<T, PasswordError> + Send + 'static,
     {
-        let permit: OwnedSemaphorePermit = match tokio::time::timeout(
-            self.queue_timeout,
-            Arc::clone(&self.permits).acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_closed)) => {
-                return Err(PasswordError::Internal("hashing semaphore closed".into()));
-            }
-            Err(_elapsed) => return Err(PasswordError::Busy),
+        let permit: OwnedSemaphorePermit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.queue_for_permit().await?,
         };
 
         // Why the blocking pool: one argon2 call is tens of milliseconds of pure CPU. Run on an
@@ -194,6 +220,7 @@ mod tests {
             parallelism: 1,
             max_concurrent,
             queue_timeout,
+            max_queue: 64,
         }
     }
 
@@ -263,6 +290,32 @@ mod tests {
         let phc = p.hash("pw").await.unwrap();
         assert!(p.verify("pw", Some(&phc)).await.unwrap());
         assert_eq!(p.permits.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn full_queue_is_refused_at_once_and_a_dropped_waiter_leaves_it() {
+        let mut cfg = config(1, Duration::from_secs(30));
+        cfg.max_queue = 1;
+        let p = Arc::new(Passwords::new(&cfg).unwrap());
+        let held = Arc::clone(&p.permits).acquire_owned().await.unwrap();
+        // One waiter fills the queue...
+        let waiter = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move { p.hash("pw").await }
+        });
+        while p.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ...so the next call is refused without waiting 30 s.
+        let started = std::time::Instant::now();
+        assert!(matches!(p.hash("pw").await, Err(PasswordError::Busy)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A waiter that goes away (client disconnected) frees its queue place.
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(p.waiting.load(Ordering::Acquire), 0);
+        drop(held);
+        assert!(p.hash("pw").await.is_ok());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! Key layout (all under `store.prefix`, default `keycard:`):
 //! - `<prefix>user:<username>` — string, the argon2id PHC hash; written with `SET NX`.
 //! - `<prefix>revoked:<jti>` — string `1`, expiring when the token would have.
+//! - `<prefix>throttle:user:<username>` and `<prefix>throttle:addr:<ip>` — failed-login
+//!   counters (`INCR`), expiring at the end of their window.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +31,38 @@ pub enum StoreError {
     #[error("store did not answer within {0:?}")]
     Timeout(Duration),
 }
+
+/// A failed-login counter: failures in the current window and the time until it resets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Failures counted so far in the window.
+    pub count: u64,
+    /// Time until the window ends and the count starts again from zero.
+    pub resets_in: Duration,
+}
+
+/// Everything `/login` reads, fetched in one round trip.
+#[derive(Debug, Default)]
+pub struct LoginState {
+    /// The user's PHC hash, if the user exists.
+    pub hash: Option<String>,
+    /// Failures for this username.
+    pub user: Counter,
+    /// Failures from this client address.
+    pub address: Counter,
+}
+
+/// Increments each key and starts its expiry if it has none yet (a fresh window). One script,
+/// so a counter can never be left without an expiry by a crash between two commands.
+const BUMP_SCRIPT: &str = r"
+for i, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  if redis.call('PTTL', key) < 0 then
+    redis.call('PEXPIRE', key, ARGV[i])
+  end
+end
+return #KEYS
+";
 
 /// Handle to the configured store; cheap to clone, shared by every request.
 #[derive(Clone)]
@@ -55,6 +89,29 @@ struct MemoryMap {
 }
 
 impl MemoryMap {
+    fn counter(&self, key: &str, now: Instant) -> Counter {
+        match self.entries.get(key) {
+            Some((value, Some(deadline))) if *deadline > now => Counter {
+                count: value.parse().unwrap_or(0),
+                resets_in: *deadline - now,
+            },
+            _ => Counter::default(),
+        }
+    }
+
+    /// `INCR` plus an expiry on first use, like [`BUMP_SCRIPT`].
+    fn bump(&mut self, key: &str, window: Duration) {
+        let now = Instant::now();
+        let Counter { count, resets_in } = self.counter(key, now);
+        let deadline = if count == 0 {
+            now + window
+        } else {
+            now + resets_in
+        };
+        self.entries
+            .insert(key.to_owned(), ((count + 1).to_string(), Some(deadline)));
+    }
+
     fn live(&self, key: &str, now: Instant) -> Option<&String> {
         match self.entries.get(key) {
             Some((value, deadline)) if deadline.is_none_or(|d| d > now) => Some(value),
@@ -207,6 +264,108 @@ impl Store {
         }
     }
 
+    /// The user's hash and both failure counters for a login attempt, in one round trip.
+    pub async fn login_state(
+        &self,
+        username: &str,
+        address: &str,
+    ) -> Result<LoginState, StoreError> {
+        let user_key = self.key("user:", username);
+        let user_failures = self.key("throttle:user:", username);
+        let address_failures = self.key("throttle:addr:", address);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(&user_key);
+                for key in [&user_failures, &address_failures] {
+                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+                }
+                let (hash, user_count, user_ttl, address_count, address_ttl): (
+                    Option<String>,
+                    Option<u64>,
+                    i64,
+                    Option<u64>,
+                    i64,
+                ) = self.bounded(pipe.query_async(&mut conn)).await?;
+                let counter = |count: Option<u64>, ttl: i64| Counter {
+                    count: count.unwrap_or(0),
+                    resets_in: Duration::from_millis(ttl.max(0) as u64),
+                };
+                Ok(LoginState {
+                    hash,
+                    user: counter(user_count, user_ttl),
+                    address: counter(address_count, address_ttl),
+                })
+            }
+            Backend::Memory(map) => {
+                let map = lock(map);
+                let now = Instant::now();
+                Ok(LoginState {
+                    hash: map.live(&user_key, now).cloned(),
+                    user: map.counter(&user_failures, now),
+                    address: map.counter(&address_failures, now),
+                })
+            }
+        }
+    }
+
+    /// Counts one failed login against the username and the address; a window that is not
+    /// running yet starts now.
+    pub async fn record_login_failure(
+        &self,
+        username: &str,
+        address: &str,
+        user_window: Duration,
+        address_window: Duration,
+    ) -> Result<(), StoreError> {
+        let keys = [
+            (self.key("throttle:user:", username), user_window),
+            (self.key("throttle:addr:", address), address_window),
+        ];
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(BUMP_SCRIPT).arg(keys.len());
+                for (key, _) in &keys {
+                    cmd.arg(key);
+                }
+                for (_, window) in &keys {
+                    cmd.arg(window.as_millis().max(1) as u64);
+                }
+                let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+                Ok(())
+            }
+            Backend::Memory(map) => {
+                let mut map = lock(map);
+                for (key, window) in &keys {
+                    map.bump(key, *window);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets a username's failures after a successful login, so the real user is not
+    /// locked out by their own typos from earlier in the window.
+    pub async fn clear_user_failures(&self, username: &str) -> Result<(), StoreError> {
+        let key = self.key("throttle:user:", username);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let _: i64 = self
+                    .bounded(redis::cmd("DEL").arg(&key).query_async(&mut conn))
+                    .await?;
+                Ok(())
+            }
+            Backend::Memory(map) => {
+                lock(map).entries.remove(&key);
+                Ok(())
+            }
+        }
+    }
+
     /// Whether the store answers; used by `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
@@ -251,6 +410,38 @@ mod tests {
             Some("h1")
         );
         assert_eq!(store.user_hash("bob").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn memory_failure_counters_count_within_a_window() {
+        let store = memory();
+        let w = Duration::from_millis(60);
+        store.create_user("alice", "h").await.unwrap();
+        store
+            .record_login_failure("alice", "10.0.0.1", w, w)
+            .await
+            .unwrap();
+        store
+            .record_login_failure("alice", "10.0.0.2", w, w)
+            .await
+            .unwrap();
+        let state = store.login_state("alice", "10.0.0.1").await.unwrap();
+        assert_eq!(state.hash.as_deref(), Some("h"));
+        assert_eq!(state.user.count, 2);
+        assert_eq!(state.address.count, 1);
+        assert!(state.user.resets_in <= w && state.user.resets_in > Duration::ZERO);
+        store.clear_user_failures("alice").await.unwrap();
+        assert_eq!(store.login_state("alice", "x").await.unwrap().user.count, 0);
+        tokio::time::sleep(w + Duration::from_millis(10)).await;
+        assert_eq!(
+            store
+                .login_state("a", "10.0.0.1")
+                .await
+                .unwrap()
+                .address
+                .count,
+            0
+        );
     }
 
     #[tokio::test]

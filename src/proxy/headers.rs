@@ -241,6 +241,38 @@ pub fn is_trusted(peer: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
         .any(|net| net.contains(&canonical) || net.contains(&peer))
 }
 
+/// The address of the client a request really comes from: the peer, or, when the peer is a
+/// trusted proxy, the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+///
+/// Why rightmost: every entry left of the last trusted hop was written by whoever sent the
+/// request there, so only the entry our own proxies appended is believable. Per-address login
+/// throttling keys on this; keying on a load balancer's address would lock out everyone.
+/// Unparseable entries stop the walk (the entry before them cannot be trusted either).
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let mut client = canonical_ip(peer);
+    if !is_trusted(peer, trusted) {
+        return client;
+    }
+    let entries: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    for entry in entries.iter().rev() {
+        let Ok(ip) = entry.parse::<IpAddr>() else {
+            break;
+        };
+        client = canonical_ip(ip);
+        if !is_trusted(ip, trusted) {
+            break;
+        }
+    }
+    client
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` for the upstream.
 ///
 /// Why: the upstream cannot see the client's address, scheme or requested host any other
@@ -715,5 +747,31 @@ mod tests {
         assert!(!is_trusted("::1".parse().unwrap(), &v6));
         let mapped_net: Vec<ipnet::IpNet> = vec!["::ffff:10.0.0.0/104".parse().unwrap()];
         assert!(is_trusted(mapped, &mapped_net));
+    }
+
+    #[test]
+    fn client_ip_is_the_rightmost_untrusted_hop() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4"),
+        );
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.7"));
+        let lb: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "9.9.9.9".parse().unwrap();
+        // Behind our proxies: the last address they saw, not the forged leftmost one.
+        assert_eq!(
+            client_ip(&h, lb, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // From an untrusted peer the header is ignored.
+        assert_eq!(client_ip(&h, stranger, &trusted), stranger);
+        // No header: the peer itself.
+        assert_eq!(client_ip(&HeaderMap::new(), lb, &trusted), lb);
+        // Garbage stops the walk at the last good trusted hop.
+        let mut g = HeaderMap::new();
+        g.append(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, junk"));
+        assert_eq!(client_ip(&g, lb, &trusted), lb);
     }
 }
