@@ -673,3 +673,41 @@ async fn silent_connection_is_closed_after_header_read_timeout() {
     .await;
     assert!(closed.is_ok(), "idle connection still open after 5 s");
 }
+
+// ----------------------------------------------------------------------------- harness checks
+
+/// The identity assertions above would see a leak: the echo upstream reports every spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_echo_reports_spoofed_identity_headers_when_nothing_strips_them() {
+    let upstream = Upstream::start().await;
+    let r = raw_request(upstream.addr, &raw_get("/direct", SPOOFS)).await;
+    assert_eq!(r.status, 200);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert_eq!(echo.identity_like("x-auth-").len(), SPOOFS.len());
+    assert_eq!(upstream.hits(), 1);
+}
+
+/// `closed_within` is not vacuous: a keep-alive connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_raw_client_tells_open_from_closed_connections() {
+    let upstream = Upstream::start().await;
+    let mut r = raw_request(upstream.addr, &raw_get("/keepalive", &[])).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.closed_within(Duration::from_millis(500)).await);
+    let mut r = raw_request(upstream.addr, &raw_get("/close", &["Connection: close"])).await;
+    assert_eq!(r.status, 200);
+    assert!(r.closed_within(Duration::from_secs(2)).await);
+}
+
+#[test]
+fn harness_base64url_round_trips_and_forges_alg_none() {
+    for input in [&b""[..], b"f", b"fo", b"foo", b"foob", b"\xff\xfe\xfd"] {
+        assert_eq!(b64url_decode(&b64url(input)).unwrap(), input);
+    }
+    assert_eq!(b64url(b"{\"alg\":\"none\"}"), "eyJhbGciOiJub25lIn0");
+    let c = claims("x", "access");
+    let t = alg_none(&c);
+    assert!(t.ends_with('.'));
+    assert_eq!(decode_claims(&t), c);
+    assert_eq!(decode_claims(&mint_valid(&c)), c);
+}
