@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// `server.max_connections` (default 10000): accepted connections beyond this wait.
     pub max_connections: usize,
+    /// `server.upgrade_recheck` (default 10s): how often an upgraded (WebSocket) connection's
+    /// token is checked again for revocation; it is also closed the moment the token expires.
+    pub upgrade_recheck: Duration,
 }
 
 /// `[admin]`.
@@ -408,6 +411,7 @@ const SERVER_KEYS: &[&str] = &[
     "header_read_timeout",
     "shutdown_timeout",
     "max_connections",
+    "upgrade_recheck",
 ];
 const ADMIN_KEYS: &[&str] = &["listen"];
 const STORE_KEYS: &[&str] = &["url", "prefix", "timeout"];
@@ -893,12 +897,14 @@ impl Ctx<'_> {
             self.duration(&sec, "shutdown_timeout", Duration::from_secs(30), false);
         let max_connections =
             self.integer(&sec, "max_connections", 10_000, 1, u32::MAX.into()) as usize;
+        let upgrade_recheck = self.duration(&sec, "upgrade_recheck", Duration::from_secs(10), true);
         ServerConfig {
             listen,
             trusted_proxies,
             header_read_timeout,
             shutdown_timeout,
             max_connections,
+            upgrade_recheck,
         }
     }
 

@@ -8,21 +8,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use tokio::sync::watch;
 
-use crate::auth::Auth;
 use crate::auth::endpoints::Endpoint;
 use crate::auth::token::TokenType;
+use crate::auth::{Auth, SessionWatch};
 use crate::body::Body;
 use crate::config::{AuthMode, Config};
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
-use crate::proxy::{Caller, Proxy};
+use crate::proxy::{Caller, Proxy, requested_upgrade};
 use crate::routes::{self, Router};
 
 /// Longest request target accepted (path and query); longer is 414.
@@ -45,6 +46,7 @@ pub struct Gateway {
     proxy: Proxy,
     metrics: Arc<Metrics>,
     ids: RequestIds,
+    upgrade_recheck: Duration,
 }
 
 /// What the access log and metrics need to know about a request, filled in as it goes.
@@ -54,14 +56,21 @@ struct Outcome {
 }
 
 impl Gateway {
-    /// Compiles routes and header rules from the config.
-    pub fn new(config: &Config, auth: Auth, metrics: Arc<Metrics>) -> Gateway {
+    /// Compiles routes and header rules from the config; upgraded connections close when
+    /// `stop` turns true.
+    pub fn new(
+        config: &Config,
+        auth: Auth,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Gateway {
         Gateway {
             router: Router::new(&config.routes),
             identity: IdentityHeaders::new(&config.identity),
             trusted_proxies: config.server.trusted_proxies.clone(),
             auth,
-            proxy: Proxy::new(&config.routes),
+            proxy: Proxy::new(&config.routes, stop),
+            upgrade_recheck: config.server.upgrade_recheck,
             metrics,
             ids: RequestIds::new(),
         }
@@ -141,12 +150,16 @@ impl Gateway {
 
         let route = self.router.find(&path).ok_or(RequestError::NoRoute)?;
         outcome.route = Arc::from(route.path.as_str());
+        let mut session = None;
         let user = match route.auth {
             AuthMode::Required => {
                 let claims = self
                     .auth
                     .authenticate(request.headers(), TokenType::Access)
                     .await?;
+                if requested_upgrade(&request).is_some() {
+                    session = Some(SessionWatch::new(&self.auth, &claims, self.upgrade_recheck));
+                }
                 outcome.user = Some(claims.sub);
                 outcome.user.as_deref()
             }
@@ -156,6 +169,7 @@ impl Gateway {
             peer: peer.ip(),
             trusted: is_trusted(peer.ip(), &self.trusted_proxies),
             user,
+            session,
         };
         self.proxy
             .forward(request, route, &path, &self.identity, caller)

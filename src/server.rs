@@ -61,10 +61,14 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&config.store)?;
     let auth = Auth::new(&config, store.clone())?;
-    let gateway = Arc::new(Gateway::new(&config, auth, metrics.clone()));
-
-    // One signal, watched by both accept loops.
+    // One signal, watched by both accept loops and by upgraded connections.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        auth,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);

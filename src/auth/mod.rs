@@ -13,6 +13,8 @@ pub mod password;
 pub mod store;
 pub mod token;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use http::{HeaderMap, header};
 
 use crate::config::{Config, ThrottleConfig};
@@ -73,6 +75,53 @@ impl Auth {
     ) -> Result<Claims, RequestError> {
         let token = bearer_token(headers)?;
         Ok(self.tokens.verify(token, expected)?)
+    }
+}
+
+/// Watches a session that outlives its request — an upgraded (WebSocket) connection — so it
+/// can be closed when its token stops being valid. Common gateways check only the handshake;
+/// keycard keeps checking.
+#[derive(Debug)]
+pub struct SessionWatch {
+    store: Store,
+    jti: String,
+    /// Unix seconds after which the token is expired (its `exp` plus the leeway).
+    ends_at: u64,
+    recheck: Duration,
+}
+
+impl SessionWatch {
+    /// A watch on the token behind `claims`, rechecked for revocation every `recheck`.
+    pub fn new(auth: &Auth, claims: &Claims, recheck: Duration) -> SessionWatch {
+        SessionWatch {
+            store: auth.store.clone(),
+            jti: claims.jti.clone(),
+            ends_at: auth.tokens.accepted_until(claims),
+            recheck,
+        }
+    }
+
+    /// Resolves, with the reason, once the session must end: the token expired, it was
+    /// revoked, or the store could not say (fail closed).
+    pub async fn ended(self) -> &'static str {
+        loop {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(u64::MAX, |d| d.as_secs());
+            if now >= self.ends_at {
+                return "token expired";
+            }
+            let until_expiry = Duration::from_secs(self.ends_at - now);
+            tokio::time::sleep(self.recheck.min(until_expiry)).await;
+            match self.store.is_revoked(&self.jti).await {
+                Ok(false) => {}
+                Ok(true) => return "token revoked",
+                Err(error) => {
+                    tracing::warn!(%error, "cannot recheck an upgraded connection's token");
+                    return "authentication store unavailable";
+                }
+            }
+        }
     }
 }
 

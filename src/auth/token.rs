@@ -222,6 +222,11 @@ impl Tokens {
         remaining(claims) + Duration::from_secs(self.leeway)
     }
 
+    /// Unix second from which `claims`' token is no longer accepted: `exp` plus the leeway.
+    pub fn accepted_until(&self, claims: &Claims) -> u64 {
+        claims.exp.saturating_add(self.leeway)
+    }
+
     /// Checks a presented token completely (except revocation, which needs the store) and
     /// returns its claims.
     ///

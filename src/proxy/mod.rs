@@ -5,6 +5,12 @@
 //! and the upstream's `Incoming` body to the response, so memory per request stays flat
 //! whatever the payload size. Header rules live in [`headers`]; this module only decides the
 //! upstream URI, applies them in the one safe order, and maps upstream failures to 502/504.
+//!
+//! `Upgrade` requests (WebSocket) are forwarded with their `Upgrade`/`Connection: upgrade`
+//! pair restored after hop-by-hop removal; when the upstream answers 101 both sides are
+//! spliced together in a tunnel task. On protected routes the tunnel carries a
+//! [`SessionWatch`] and is closed when the token expires or is revoked; every tunnel is closed
+//! at shutdown (hyper's graceful shutdown does not track upgraded connections).
 
 pub mod headers;
 
@@ -14,12 +20,16 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
 
+use crate::auth::SessionWatch;
 use crate::body::{self, Body};
 use crate::config::RouteConfig;
 use crate::error::RequestError;
@@ -38,6 +48,8 @@ const POOL_MAX_IDLE_PER_HOST: usize = 256;
 #[derive(Debug)]
 pub struct Proxy {
     clients: Vec<(Duration, Client<HttpConnector, Incoming>)>,
+    /// Turns true at shutdown; open tunnels close then.
+    stop: watch::Receiver<bool>,
 }
 
 /// Who is calling, as the proxy needs to know it for forwarding headers.
@@ -49,11 +61,14 @@ pub struct Caller<'a> {
     pub trusted: bool,
     /// The verified username, on required routes.
     pub user: Option<&'a str>,
+    /// For an upgrade on a protected route: when the session must end.
+    pub session: Option<SessionWatch>,
 }
 
 impl Proxy {
-    /// Builds one client per distinct connect timeout among `routes`.
-    pub fn new(routes: &[RouteConfig]) -> Proxy {
+    /// Builds one client per distinct connect timeout among `routes`; tunnels close when
+    /// `stop` turns true.
+    pub fn new(routes: &[RouteConfig], stop: watch::Receiver<bool>) -> Proxy {
         let mut clients: Vec<(Duration, Client<HttpConnector, Incoming>)> = Vec::new();
         for route in routes {
             if clients.iter().any(|(t, _)| *t == route.connect_timeout) {
@@ -69,7 +84,7 @@ impl Proxy {
                 .build(connector);
             clients.push((route.connect_timeout, client));
         }
-        Proxy { clients }
+        Proxy { clients, stop }
     }
 
     /// Sends `request` (whose path has been canonicalised to `path`) to `route`'s upstream.
@@ -89,17 +104,109 @@ impl Proxy {
             .ok_or_else(|| RequestError::Internal("no client for route".into()))?;
 
         *request.uri_mut() = upstream_uri(route, path, request.uri())?;
+        let upgrade = requested_upgrade(&request);
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         prepare_headers(&mut request, route, identity, &caller)?;
+        if let Some(protocol) = &upgrade {
+            restore_upgrade(request.headers_mut(), protocol.clone());
+        }
         *request.version_mut() = Version::HTTP_11;
 
-        let response = match tokio::time::timeout(route.timeout, client.request(request)).await {
+        let mut response = match tokio::time::timeout(route.timeout, client.request(request)).await
+        {
             Err(_) => return Err(RequestError::GatewayTimeout),
             Ok(Err(e)) => return Err(classify(e)),
             Ok(Ok(response)) => response,
         };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_side) = client_side else {
+                return Err(RequestError::BadGateway(
+                    "upstream switched protocols unasked".into(),
+                ));
+            };
+            let protocol = response.headers().get(header::UPGRADE).cloned();
+            let upstream_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(
+                client_side,
+                upstream_side,
+                caller.session,
+                self.stop.clone(),
+            ));
+            let (mut parts, incoming) = response.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = protocol {
+                restore_upgrade(&mut parts.headers, protocol);
+            }
+            return Ok(Response::from_parts(parts, body::stream(incoming)));
+        }
+
         let (mut parts, incoming) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body::stream(incoming)))
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: an `Upgrade` header together with an
+/// `upgrade` token in `Connection` (RFC 9110 §7.8). HTTP/2 has no such mechanism here.
+pub fn requested_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    request.headers().get(header::UPGRADE).cloned()
+}
+
+/// Puts back the one hop-by-hop pair an upgrade needs, after every other one was removed.
+fn restore_upgrade(headers: &mut http::HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Splices the client's and the upstream's upgraded connections until either side closes,
+/// the session ends, or keycard shuts down.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    session: Option<SessionWatch>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let session_end = async move {
+        match session {
+            Some(session) => session.ended().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        reason = session_end => {
+            tracing::info!(reason, "closing upgraded connection");
+        }
+        _ = stop.wait_for(|stopped| *stopped) => {
+            tracing::debug!("closing upgraded connection at shutdown");
+        }
     }
 }
 
