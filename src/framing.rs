@@ -11,10 +11,16 @@
 //! it parses each request head (holding its bytes back until the head is complete, which
 //! hyper must wait for anyway), then skips the body by its `Content-Length` or by walking the
 //! chunked encoding, then expects the next head. When a head carries both framing headers it
-//! hands hyper an unparseable head instead, so hyper answers 400 and closes. Anything it cannot
-//! follow (an HTTP/2 preface, an `Upgrade` or `CONNECT`, a head that does not parse or is too
-//! large) switches it to plain pass-through: hyper is still the one that rejects malformed
-//! input, this guard only adds the one refusal hyper does not make.
+//! hands hyper an unparseable head instead, so hyper answers 400 and closes.
+//!
+//! It must never be blinded: a request it cannot follow (a head that does not parse or is too
+//! large, a `Content-Length` it cannot read) would otherwise let a smuggled request behind it
+//! through. So when it loses track it stops following and raises
+//! [`ConnectionFlags::must_close`]; the gateway then answers the current request with
+//! `Connection: close`, and nothing after it on that connection is ever parsed. hyper is still
+//! the one that rejects malformed input. It stops following without closing only for an HTTP/2
+//! preface (hyper then speaks HTTP/2, which has no such framing) and after the gateway has
+//! answered 101 Switching Protocols ([`ConnectionFlags::mark_upgraded`]).
 //!
 //! It also owns the header read timeout for a connection's *first* request: hyper-util's
 //! HTTP/1-or-2 detection reads the first bytes before hyper's own header timer exists, so a
@@ -24,6 +30,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +40,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// What hyper is given instead of a head with ambiguous framing: a method with a control
 /// byte, which no HTTP parser accepts.
 const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which hyper-util detects itself.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the guard and the request path tell each other about one connection. Shared through
+/// an `Arc`: the guard holds one, every request on the connection carries one in its
+/// extensions.
+#[derive(Debug, Default)]
+pub struct ConnectionFlags {
+    close: AtomicBool,
+    upgraded: AtomicBool,
+}
+
+impl ConnectionFlags {
+    /// Whether the guard lost track of this connection's framing: the response to the current
+    /// request must carry `Connection: close`.
+    pub fn must_close(&self) -> bool {
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// Called by the proxy when it answers 101: from here on the client's bytes are another
+    /// protocol and pass straight through.
+    pub fn mark_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+}
 
 /// Header slots for our parse; a head with more is left to hyper (which answers 431 past 100).
 const MAX_HEADERS: usize = 128;
@@ -45,8 +79,12 @@ enum State {
     Body(u64),
     /// Inside a chunked body.
     Chunked(Chunk),
-    /// Not following the stream any more; every byte goes straight through.
+    /// Not following the stream any more, legitimately (HTTP/2, or upgraded); every byte goes
+    /// straight through.
     Passthrough,
+    /// Lost track of the framing; every byte goes straight through and the connection must
+    /// close after the current response.
+    Blind,
     /// A head was refused; nothing more is read from the client.
     Rejected,
 }
@@ -82,6 +120,8 @@ pub struct Scanner {
     ready: usize,
     /// Largest head we wait for before giving up and letting hyper answer 431.
     max_head: usize,
+    /// Whether any head has been seen (the HTTP/2 preface is only valid first).
+    seen_head: bool,
 }
 
 impl Scanner {
@@ -92,6 +132,20 @@ impl Scanner {
             pending: Vec::new(),
             ready: 0,
             max_head,
+            seen_head: false,
+        }
+    }
+
+    /// Whether the scanner lost track of the framing (see [`ConnectionFlags::must_close`]).
+    pub fn is_blind(&self) -> bool {
+        self.state == State::Blind
+    }
+
+    /// Stops following: everything held is released and everything after passes through.
+    pub fn pass_through(&mut self) {
+        if self.state != State::Rejected {
+            self.state = State::Passthrough;
+            self.ready = self.pending.len();
         }
     }
 
@@ -127,7 +181,7 @@ impl Scanner {
     fn advance(&mut self) {
         while self.ready < self.pending.len() {
             match self.state {
-                State::Passthrough => self.ready = self.pending.len(),
+                State::Passthrough | State::Blind => self.ready = self.pending.len(),
                 State::Rejected => return,
                 State::Head => {
                     if !self.head() {
@@ -152,41 +206,51 @@ impl Scanner {
     /// Tries to parse one head at `ready`. Returns false when more bytes are needed.
     fn head(&mut self) -> bool {
         let bytes = &self.pending[self.ready..];
+        if !self.seen_head {
+            let n = bytes.len().min(H2_PREFACE.len());
+            if bytes[..n] == H2_PREFACE[..n] {
+                if n < H2_PREFACE.len() {
+                    return false;
+                }
+                self.state = State::Passthrough;
+                return true;
+            }
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let len = match request.parse(bytes) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => {
                 if bytes.len() > self.max_head {
-                    self.state = State::Passthrough;
+                    self.state = State::Blind;
                     return true;
                 }
                 return false;
             }
-            // Malformed, an HTTP/2 preface, too many headers: hyper decides.
+            // Malformed, too many headers: hyper decides, and nothing after it is parsed.
             Err(_) => {
-                self.state = State::Passthrough;
+                self.state = State::Blind;
                 return true;
             }
         };
-        let (mut content_length, mut chunked, mut transfer_encoding, mut upgrade) =
-            (None, false, false, false);
+        self.seen_head = true;
+        // Read exactly as hyper reads them (`content_length_parse_all_values`, `is_chunked_`),
+        // so the two can never disagree on where this message ends.
+        let mut content_length: Option<Option<u64>> = None;
+        let (mut chunked, mut transfer_encoding) = (false, false);
         for header in request.headers.iter() {
             if header.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(header.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .or(Some(u64::MAX));
+                content_length = Some(merge_content_length(content_length, header.value));
             } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = true;
-                // Per RFC 9112 §6.1 chunked must be the final coding; only its presence
-                // matters for following the stream.
-                chunked = header.value.to_ascii_lowercase().ends_with(b"chunked");
-            } else if header.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
+                // RFC 9112 §6.1: chunked must be the final coding.
+                chunked = std::str::from_utf8(header.value).is_ok_and(|v| {
+                    v.rsplit(',')
+                        .next()
+                        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+                });
             }
         }
-        let connect = request.method == Some("CONNECT");
         if transfer_encoding && content_length.is_some() {
             self.pending.truncate(self.ready);
             self.pending.extend_from_slice(REJECTED_HEAD);
@@ -195,28 +259,29 @@ impl Scanner {
             return true;
         }
         self.ready += len;
-        self.state = if upgrade || connect {
-            // After a 101 or a tunnel the bytes are not HTTP; stop following.
-            State::Passthrough
-        } else if transfer_encoding {
+        // An `Upgrade` request is followed like any other: whether the connection switches
+        // protocols is only known from the answer, and the proxy reports a 101 through
+        // `ConnectionFlags::mark_upgraded`.
+        self.state = if transfer_encoding {
             if chunked {
                 State::Chunked(Chunk::Size(0))
             } else {
-                // hyper refuses a non-chunked request coding; nothing to follow after it.
-                State::Passthrough
+                // hyper refuses a non-chunked request coding (400 and close).
+                State::Blind
             }
         } else {
             match content_length {
-                Some(u64::MAX) => State::Passthrough,
-                Some(0) | None => State::Head,
-                Some(n) => State::Body(n),
+                // Unreadable or conflicting lengths: hyper answers 400 and closes.
+                Some(None) => State::Blind,
+                Some(Some(0)) | None => State::Head,
+                Some(Some(n)) => State::Body(n),
             }
         };
         true
     }
 
-    /// Consumes chunked-coding bytes; anything unexpected means pass-through (hyper will
-    /// refuse the malformed body itself).
+    /// Consumes chunked-coding bytes; anything unexpected makes the scanner blind (hyper will
+    /// refuse the malformed body itself, and the connection closes).
     fn chunk(&mut self, chunk: Chunk) {
         if let Chunk::Data(left) = chunk {
             let avail = (self.pending.len() - self.ready) as u64;
@@ -236,7 +301,7 @@ impl Scanner {
                 let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
                 match n.checked_mul(16).and_then(|n| n.checked_add(digit)) {
                     Some(n) => State::Chunked(Chunk::Size(n)),
-                    None => State::Passthrough,
+                    None => State::Blind,
                 }
             }
             (Chunk::Size(n), b';' | b' ' | b'\t') => State::Chunked(Chunk::Ext(n)),
@@ -254,10 +319,34 @@ impl Scanner {
             (Chunk::TrailerLf { line_empty: false }, b'\n') => {
                 State::Chunked(Chunk::Trailer { line_empty: true })
             }
-            _ => State::Passthrough,
+            _ => State::Blind,
         };
         self.state = next;
     }
+}
+
+/// One `Content-Length` header folded into what came before, as hyper does: every value in
+/// every header (comma lists included) must be the same integer; `Some(None)` is a conflict or
+/// garbage.
+fn merge_content_length(before: Option<Option<u64>>, value: &[u8]) -> Option<u64> {
+    let mut current = match before {
+        Some(None) => return None,
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
+    let text = std::str::from_utf8(value).ok()?;
+    for part in text.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n = part.parse::<u64>().ok()?;
+        match current {
+            Some(m) if m != n => return None,
+            _ => current = Some(n),
+        }
+    }
+    current
 }
 
 /// A client stream whose reads go through a [`Scanner`]. Writes pass straight through.
@@ -268,17 +357,25 @@ pub struct Guarded<T> {
     eof: bool,
     /// Until the first bytes are handed to hyper: when the connection is given up.
     first_head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    flags: Arc<ConnectionFlags>,
 }
 
 impl<T> Guarded<T> {
     /// Wraps `inner`, waiting for heads of at most `max_head` bytes; the first head must be
-    /// complete within `header_read_timeout` of now.
-    pub fn new(inner: T, max_head: usize, header_read_timeout: Duration) -> Guarded<T> {
+    /// complete within `header_read_timeout` of now. `flags` is shared with the requests of
+    /// this connection.
+    pub fn new(
+        inner: T,
+        max_head: usize,
+        header_read_timeout: Duration,
+        flags: Arc<ConnectionFlags>,
+    ) -> Guarded<T> {
         Guarded {
             inner,
             scanner: Scanner::new(max_head),
             eof: false,
             first_head_deadline: Some(Box::pin(tokio::time::sleep(header_read_timeout))),
+            flags,
         }
     }
 }
@@ -290,6 +387,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.flags.upgraded.load(Ordering::Acquire) {
+            this.scanner.pass_through();
+        }
         loop {
             let ready = this.scanner.ready();
             if !ready.is_empty() {
@@ -323,6 +423,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                         this.scanner.finish();
                     } else {
                         this.scanner.push(read.filled());
+                        if this.scanner.is_blind() {
+                            this.flags.close.store(true, Ordering::Release);
+                        }
                     }
                 }
             }
@@ -433,25 +536,75 @@ mod tests {
     }
 
     #[test]
-    fn upgrades_and_http2_switch_to_passthrough() {
-        let (out, state) = run(
-            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05Transfer-Encoding",
-            4,
-        );
-        assert_eq!(state, State::Passthrough);
-        assert!(out.ends_with(b"Transfer-Encoding"));
-        let (_, state) = run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 3);
-        assert_eq!(state, State::Passthrough);
+    fn http2_preface_passes_through_without_closing() {
+        for step in 1..H2_PREFACE.len() {
+            let (out, state) = run(H2_PREFACE, step);
+            assert_eq!(state, State::Passthrough);
+            assert_eq!(out, H2_PREFACE);
+        }
     }
 
     #[test]
-    fn oversized_or_malformed_heads_are_left_to_hyper() {
+    fn an_upgrade_request_is_followed_until_the_gateway_answers_101() {
+        // Not upgraded (e.g. `Upgrade` without `Connection: upgrade`, or the upstream said
+        // no): the next request is still scanned, and a smuggling one behind it is caught.
+        let (out, state) = run(
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            4,
+        );
+        assert_eq!(state, State::Rejected);
+        assert!(out.ends_with(REJECTED_HEAD));
+        // Upgraded: whatever the client sends next is released as it is.
+        let mut scanner = Scanner::new(1024);
+        scanner.push(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        let n = scanner.ready().len();
+        scanner.consume(n);
+        scanner.push(b"HELLO");
+        assert!(scanner.ready().is_empty(), "held back as a possible head");
+        scanner.pass_through();
+        assert_eq!(scanner.ready(), b"HELLO");
+        scanner.consume(5);
+        scanner.push(b"\x81\x05Transfer-Encoding");
+        assert_eq!(scanner.ready(), b"\x81\x05Transfer-Encoding");
+    }
+
+    #[test]
+    fn content_length_lists_are_read_as_hyper_reads_them() {
+        // hyper accepts `5, 5` and repeated equal headers; the scanner must follow them, or a
+        // request behind them would slip past unscanned.
+        for first in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"[..],
+        ] {
+            let mut input = first.to_vec();
+            input.extend_from_slice(
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            );
+            let (out, state) = run(&input, 3);
+            assert_eq!(state, State::Rejected);
+            assert!(out.starts_with(first) && out.ends_with(REJECTED_HEAD));
+        }
+        assert_eq!(merge_content_length(None, b"5, 5"), Some(5));
+        assert_eq!(merge_content_length(Some(Some(5)), b"6"), None);
+        assert_eq!(merge_content_length(None, b"+5"), None);
+        assert_eq!(merge_content_length(None, b""), None);
+    }
+
+    #[test]
+    fn heads_it_cannot_follow_make_it_blind() {
         let mut scanner = Scanner::new(16);
         scanner.push(b"GET / HTTP/1.1\r\nX: yyyyyyyyyyyyyyyyyyyy");
-        assert_eq!(scanner.state, State::Passthrough);
-        let (out, state) = run(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 5);
-        assert_eq!(state, State::Passthrough);
-        assert_eq!(out, b"GET / HTTP/1.1\r\nbad header\r\n\r\n");
+        assert!(scanner.is_blind());
+        for input in [
+            &b"GET / HTTP/1.1\r\nbad header\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ] {
+            let (out, state) = run(input, 5);
+            assert_eq!(state, State::Blind, "{}", String::from_utf8_lossy(input));
+            assert_eq!(out, input, "bytes still reach hyper, which refuses them");
+        }
     }
 
     #[test]

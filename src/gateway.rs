@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -21,6 +21,7 @@ use crate::auth::{Auth, SessionWatch};
 use crate::body::Body;
 use crate::config::{AuthMode, Config};
 use crate::error::RequestError;
+use crate::framing::ConnectionFlags;
 use crate::metrics::Metrics;
 use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
 use crate::proxy::{Caller, Proxy, requested_upgrade};
@@ -47,6 +48,16 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     ids: RequestIds,
     upgrade_recheck: Duration,
+    labels: Labels,
+}
+
+/// Metrics labels for the proxied path, built once: one per route (in [`Router::routes`]
+/// order) and one for requests that matched nothing. (Auth endpoints build theirs per request;
+/// next to an argon2 hash the allocation is noise.)
+#[derive(Debug)]
+struct Labels {
+    routes: Vec<Arc<str>>,
+    unmatched: Arc<str>,
 }
 
 /// What the access log and metrics need to know about a request, filled in as it goes.
@@ -64,8 +75,18 @@ impl Gateway {
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Gateway {
+        let router = Router::new(&config.routes);
+        let labels = Labels {
+            routes: router
+                .routes()
+                .iter()
+                .map(|r| Arc::from(r.path.as_str()))
+                .collect(),
+            unmatched: Arc::from("-"),
+        };
         Gateway {
-            router: Router::new(&config.routes),
+            labels,
+            router,
             identity: IdentityHeaders::new(&config.identity),
             trusted_proxies: config.server.trusted_proxies.clone(),
             auth,
@@ -83,12 +104,14 @@ impl Gateway {
         let id = self.ids.next();
         request.headers_mut().insert(REQUEST_ID.clone(), id.clone());
         let mut outcome = Outcome {
-            route: Arc::from("-"),
+            route: self.labels.unmatched.clone(),
             user: None,
         };
-        // Logged path: the raw path without the query (queries may carry secrets), cut short
-        // so a hostile target cannot flood the log.
-        let logged_path: String = request.uri().path().chars().take(256).collect();
+        // A cheap clone (the URI's bytes are shared) so the path can be logged after the
+        // request has been handed on.
+        let uri = request.uri().clone();
+        let flags = request.extensions().get::<Arc<ConnectionFlags>>().cloned();
+        let http1 = request.version() < Version::HTTP_2;
 
         let mut response = match self.dispatch(request, peer, &mut outcome).await {
             Ok(response) => response,
@@ -105,6 +128,13 @@ impl Gateway {
         response
             .headers_mut()
             .insert(REQUEST_ID.clone(), id.clone());
+        // The framing guard lost track of this connection: end it after this response, so no
+        // request hidden behind this one is ever parsed.
+        if http1 && flags.is_some_and(|f| f.must_close()) {
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
 
         let elapsed = start.elapsed();
         let status = response.status().as_u16();
@@ -114,7 +144,7 @@ impl Gateway {
             request_id = id.to_str().unwrap_or("-"),
             peer = %peer.ip(),
             method = %method,
-            path = %logged_path,
+            path = %LoggedPath(uri.path()),
             route = %outcome.route,
             status,
             user = outcome.user.as_deref().unwrap_or("-"),
@@ -137,6 +167,13 @@ impl Gateway {
             return Err(RequestError::UriTooLong);
         }
         check_headers(request.headers())?;
+        // keycard is a reverse proxy, not a forward one: a CONNECT tunnel would carry traffic
+        // past every route and identity rule.
+        if request.method() == http::Method::CONNECT {
+            return Err(RequestError::MethodNotAllowed {
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            });
+        }
         let path =
             routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
@@ -148,8 +185,11 @@ impl Gateway {
             return Ok(response);
         }
 
-        let route = self.router.find(&path).ok_or(RequestError::NoRoute)?;
-        outcome.route = Arc::from(route.path.as_str());
+        let index = self.router.find_index(&path).ok_or(RequestError::NoRoute)?;
+        let route = &self.router.routes()[index];
+        if let Some(label) = self.labels.routes.get(index) {
+            outcome.route = label.clone();
+        }
         let mut session = None;
         let user = match route.auth {
             AuthMode::Required => {
@@ -204,6 +244,20 @@ fn check_headers(headers: &http::HeaderMap) -> Result<(), RequestError> {
         ));
     }
     Ok(())
+}
+
+/// The request path for the log: without the query (queries may carry secrets) and cut at
+/// 256 bytes, so a hostile target cannot flood the log.
+struct LoggedPath<'a>(&'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut end = self.0.len().min(256);
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.write_str(&self.0[..end])
+    }
 }
 
 /// The metrics reason for an authentication refusal, if the error is one.

@@ -212,9 +212,15 @@ impl Router {
     /// `/admin` escape it). `/` matches everything. The path must already be canonical
     /// (see [`canonicalize`]); `None` means the gateway answers 404.
     pub fn find(&self, path: &str) -> Option<&RouteConfig> {
+        self.find_index(path).map(|i| &self.routes[i])
+    }
+
+    /// Like [`Router::find`], as a position in [`Router::routes`], so callers can keep
+    /// per-route data (metrics labels) in a parallel table instead of building it per request.
+    pub fn find_index(&self, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .find(|r| segment_prefix_len(&r.path, path).is_some())
+            .position(|r| segment_prefix_len(&r.path, path).is_some())
     }
 
     /// The routes in matching order (most specific first), for `keycard check` and logs.

@@ -23,7 +23,7 @@ use crate::auth::Auth;
 use crate::auth::store::Store;
 use crate::body::Body;
 use crate::config::Config;
-use crate::framing::Guarded;
+use crate::framing::{ConnectionFlags, Guarded};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
@@ -175,15 +175,21 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |request| {
+        // Shared by the framing guard and every request on this connection (see framing).
+        let flags = Arc::new(ConnectionFlags::default());
+        let io = Guarded::new(
+            stream,
+            MAX_HEAD,
+            limits.header_read_timeout,
+            Arc::clone(&flags),
+        );
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(Arc::clone(&flags));
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(request, peer).await) }
         });
         let connection = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(Guarded::new(stream, MAX_HEAD, limits.header_read_timeout)),
-                service,
-            )
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

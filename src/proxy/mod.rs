@@ -16,6 +16,7 @@ pub mod headers;
 
 use std::error::Error as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -33,6 +34,7 @@ use crate::auth::SessionWatch;
 use crate::body::{self, Body};
 use crate::config::RouteConfig;
 use crate::error::RequestError;
+use crate::framing::ConnectionFlags;
 use headers::IdentityHeaders;
 
 /// Idle upstream connections are closed after this long. Kept below the common upstream
@@ -103,9 +105,11 @@ impl Proxy {
             .map(|(_, c)| c)
             .ok_or_else(|| RequestError::Internal("no client for route".into()))?;
 
+        keep_client_host(&mut request);
         *request.uri_mut() = upstream_uri(route, path, request.uri())?;
         let upgrade = requested_upgrade(&request);
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let flags = request.extensions_mut().remove::<Arc<ConnectionFlags>>();
         prepare_headers(&mut request, route, identity, &caller)?;
         if let Some(protocol) = &upgrade {
             restore_upgrade(request.headers_mut(), protocol.clone());
@@ -127,6 +131,10 @@ impl Proxy {
             };
             let protocol = response.headers().get(header::UPGRADE).cloned();
             let upstream_side = hyper::upgrade::on(&mut response);
+            // From the 101 on, the client's bytes are the new protocol, not HTTP requests.
+            if let Some(flags) = flags {
+                flags.mark_upgraded();
+            }
             tokio::spawn(tunnel(
                 client_side,
                 upstream_side,
@@ -228,6 +236,18 @@ fn upstream_uri(route: &RouteConfig, path: &str, original: &Uri) -> Result<Uri, 
         .map_err(|e| RequestError::Internal(format!("upstream uri: {e}")))
 }
 
+/// HTTP/2 carries the host in `:authority`; an HTTP/1.1 upstream needs it as `Host`. Must run
+/// before the URI is rewritten to the upstream's. The client's host is kept (as Envoy does),
+/// so virtual-hosted back ends see the name the client used.
+fn keep_client_host<B>(request: &mut Request<B>) {
+    if !request.headers().contains_key(header::HOST)
+        && let Some(authority) = request.uri().authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, value);
+    }
+}
+
 /// Applies the header rules in the only safe order: hop-by-hop first (so a `Connection`
 /// header can name anything it likes), then identity strip, then forwarding headers, then
 /// the gateway's own identity, which nothing after it can remove.
@@ -237,15 +257,6 @@ fn prepare_headers(
     identity: &IdentityHeaders,
     caller: &Caller<'_>,
 ) -> Result<(), RequestError> {
-    // HTTP/2 carries the host in :authority; an HTTP/1.1 upstream needs it as Host. The
-    // client's Host is kept (as Envoy does), so virtual-hosted back ends see the name the
-    // client used.
-    if !request.headers().contains_key(header::HOST)
-        && let Some(authority) = request.uri().authority()
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        request.headers_mut().insert(header::HOST, value);
-    }
     let headers = request.headers_mut();
     headers::remove_hop_by_hop(headers);
     identity.strip(headers);
