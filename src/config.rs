@@ -50,6 +50,12 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// `server.max_connections` (default 10000): accepted connections beyond this wait.
     pub max_connections: usize,
+    /// `server.max_header_bytes` (default 32768): request headers adding up to more are 431.
+    pub max_header_bytes: usize,
+    /// `server.max_target_bytes` (default 8192): a longer request target is 414.
+    pub max_target_bytes: usize,
+    /// `server.max_auth_body_bytes` (default 16384): a larger auth endpoint body is 413.
+    pub max_auth_body_bytes: usize,
     /// `server.upgrade_recheck` (default 10s): how often an upgraded (WebSocket) connection's
     /// token is checked again for revocation; it is also closed the moment the token expires.
     pub upgrade_recheck: Duration,
@@ -411,6 +417,9 @@ const SERVER_KEYS: &[&str] = &[
     "header_read_timeout",
     "shutdown_timeout",
     "max_connections",
+    "max_header_bytes",
+    "max_target_bytes",
+    "max_auth_body_bytes",
     "upgrade_recheck",
 ];
 const ADMIN_KEYS: &[&str] = &["listen"];
@@ -897,6 +906,14 @@ impl Ctx<'_> {
             self.duration(&sec, "shutdown_timeout", Duration::from_secs(30), false);
         let max_connections =
             self.integer(&sec, "max_connections", 10_000, 1, u32::MAX.into()) as usize;
+        // hyper's read buffer (and so the largest head) is at least 8 KiB; a limit below a
+        // few KiB would refuse ordinary browsers.
+        let max_header_bytes =
+            self.integer(&sec, "max_header_bytes", 32 * 1024, 4096, 1 << 20) as usize;
+        let max_target_bytes =
+            self.integer(&sec, "max_target_bytes", 8 * 1024, 256, 1 << 20) as usize;
+        let max_auth_body_bytes =
+            self.integer(&sec, "max_auth_body_bytes", 16 * 1024, 256, 1 << 20) as usize;
         let upgrade_recheck = self.duration(&sec, "upgrade_recheck", Duration::from_secs(10), true);
         ServerConfig {
             listen,
@@ -904,6 +921,9 @@ impl Ctx<'_> {
             header_read_timeout,
             shutdown_timeout,
             max_connections,
+            max_header_bytes,
+            max_target_bytes,
+            max_auth_body_bytes,
             upgrade_recheck,
         }
     }
@@ -1524,6 +1544,34 @@ upstream = "http://127.0.0.1:3000"
     fn minimal_with(line: &str, with: &str) -> String {
         assert!(MINIMAL.contains(line), "{line} not in MINIMAL");
         MINIMAL.replacen(line, with, 1)
+    }
+
+    #[test]
+    fn size_limits_and_throttle_are_configurable() {
+        let server = "[server]\nmax_header_bytes = 8192\nmax_target_bytes = 1024\nmax_auth_body_bytes = 2048\nupgrade_recheck = \"1s\"";
+        let text = format!(
+            "{}\n[throttle]\nuser_limit = 0\naddress_window = \"1m\"\n[passwords]\nmax_queue = 3\n",
+            minimal_with("[server]", server)
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.server.max_header_bytes, 8192);
+        assert_eq!(c.server.max_target_bytes, 1024);
+        assert_eq!(c.server.max_auth_body_bytes, 2048);
+        assert_eq!(c.server.upgrade_recheck, Duration::from_secs(1));
+        assert_eq!(c.throttle.user_limit, 0);
+        assert_eq!(c.throttle.address_limit, 50);
+        assert_eq!(c.throttle.address_window, Duration::from_secs(60));
+        assert_eq!(c.passwords.max_queue, 3);
+        let defaults = parse(MINIMAL).unwrap();
+        assert_eq!(defaults.server.max_header_bytes, 32 * 1024);
+        assert_eq!(defaults.server.max_target_bytes, 8 * 1024);
+        assert_eq!(defaults.server.max_auth_body_bytes, 16 * 1024);
+        assert_eq!(defaults.throttle.user_limit, 5);
+        assert_eq!(defaults.throttle.user_window, Duration::from_secs(900));
+        let e = one_error(&minimal_with("[server]", "[server]\nmax_header_bytes = 10"));
+        assert_eq!(e.key, "server.max_header_bytes");
+        let e = one_error(&format!("{MINIMAL}[throttle]\nuser_window = \"0s\"\n"));
+        assert_eq!(e.key, "throttle.user_window");
     }
 
     #[test]

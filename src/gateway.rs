@@ -27,12 +27,6 @@ use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
 use crate::proxy::{Caller, Proxy, requested_upgrade};
 use crate::routes::{self, Router};
 
-/// Longest request target accepted (path and query); longer is 414.
-pub const MAX_TARGET: usize = 8 * 1024;
-
-/// Most header bytes accepted (names, values and `: `/CRLF framing); more is 431.
-pub const MAX_HEADERS: usize = 32 * 1024;
-
 /// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
 /// written in the access log, so one id follows a request through every hop.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -49,6 +43,10 @@ pub struct Gateway {
     ids: RequestIds,
     upgrade_recheck: Duration,
     labels: Labels,
+    /// `server.max_target_bytes`: longer request targets (path and query) are 414.
+    max_target: usize,
+    /// `server.max_header_bytes`: more header bytes (names, values, `: ` and CRLF) are 431.
+    max_headers: usize,
 }
 
 /// Metrics labels for the proxied path, built once: one per route (in [`Router::routes`]
@@ -92,6 +90,8 @@ impl Gateway {
             auth,
             proxy: Proxy::new(&config.routes, stop),
             upgrade_recheck: config.server.upgrade_recheck,
+            max_target: config.server.max_target_bytes,
+            max_headers: config.server.max_header_bytes,
             metrics,
             ids: RequestIds::new(),
         }
@@ -163,10 +163,10 @@ impl Gateway {
             .uri()
             .path_and_query()
             .map_or(0, |pq| pq.as_str().len());
-        if target_len > MAX_TARGET {
+        if target_len > self.max_target {
             return Err(RequestError::UriTooLong);
         }
-        check_headers(request.headers())?;
+        check_headers(request.headers(), self.max_headers)?;
         // keycard is a reverse proxy, not a forward one: a CONNECT tunnel would carry traffic
         // past every route and identity rule.
         if request.method() == http::Method::CONNECT {
@@ -218,14 +218,14 @@ impl Gateway {
 }
 
 /// Header-level checks hyper does not make: total size (hyper's buffer limit is looser, see
-/// [`crate::server::MAX_HEAD`]), a single `Host` (RFC 9112 §3.2: more than one is 400, since
+/// [`crate::server::head_buffer`]), a single `Host` (RFC 9112 §3.2: more than one is 400, since
 /// the gateway and the upstream might each pick a different one) and a single `Authorization`.
-fn check_headers(headers: &http::HeaderMap) -> Result<(), RequestError> {
+fn check_headers(headers: &http::HeaderMap, max: usize) -> Result<(), RequestError> {
     let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    if size > MAX_HEADERS {
+    if size > max {
         return Err(RequestError::HeadersTooLarge);
     }
     if headers.get_all(http::header::HOST).iter().nth(1).is_some() {

@@ -27,9 +27,12 @@ use crate::framing::{ConnectionFlags, Guarded};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
-/// Largest request head hyper will buffer: 32 KiB of headers plus an 8 KiB request target.
-/// Anything larger is answered 431 by hyper itself; the gateway enforces the exact limits.
-pub const MAX_HEAD: usize = 40 * 1024;
+/// Largest request head hyper will buffer: the header limit plus the target limit plus room
+/// for the request line. Anything larger is answered 431 by hyper itself; the gateway enforces
+/// the exact limits.
+pub fn head_buffer(config: &crate::config::ServerConfig) -> usize {
+    (config.max_header_bytes + config.max_target_bytes + 1024).max(8 * 1024)
+}
 
 /// Already-bound listeners, so tests can bind port 0 and read the address back.
 #[derive(Debug)]
@@ -75,6 +78,7 @@ pub async fn run(
     });
 
     let limits = Limits {
+        max_head: head_buffer(&config.server),
         header_read_timeout: config.server.header_read_timeout,
         shutdown_timeout: config.server.shutdown_timeout,
         max_connections: config.server.max_connections,
@@ -121,6 +125,7 @@ fn local(listener: &TcpListener) -> String {
 /// Connection limits shared by both listeners.
 #[derive(Debug, Clone)]
 struct Limits {
+    max_head: usize,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
     max_connections: usize,
@@ -143,11 +148,11 @@ async fn serve<F, Fut>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(MAX_HEAD);
+        .max_buf_size(limits.max_head);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD as u32);
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -179,7 +184,7 @@ async fn serve<F, Fut>(
         let flags = Arc::new(ConnectionFlags::default());
         let io = Guarded::new(
             stream,
-            MAX_HEAD,
+            limits.max_head,
             limits.header_read_timeout,
             Arc::clone(&flags),
         );

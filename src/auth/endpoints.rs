@@ -18,9 +18,6 @@ use super::token::{IssuedPair, TokenType};
 use crate::body::{self, Body};
 use crate::error::RequestError;
 
-/// Largest body accepted on an auth endpoint.
-pub const MAX_BODY: usize = 16 * 1024;
-
 /// The endpoints keycard answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -95,7 +92,7 @@ impl Auth {
         endpoint.allows(request.method())?;
         match endpoint {
             Endpoint::Register => {
-                let creds = read_credentials(request).await?;
+                let creds = read_credentials(request, self.max_body).await?;
                 let phc = self.passwords.hash(&creds.password).await?;
                 if !self.store.create_user(&creds.username, &phc).await? {
                     return Err(RequestError::UserExists);
@@ -104,7 +101,7 @@ impl Auth {
                 Ok((response, Some(creds.username)))
             }
             Endpoint::Login => {
-                let creds = read_credentials(request).await?;
+                let creds = read_credentials(request, self.max_body).await?;
                 let address = client.to_string();
                 let state = self.store.login_state(&creds.username, &address).await?;
                 // Checked before the password: while a throttle is active even the right
@@ -227,18 +224,18 @@ fn format(headers: &HeaderMap) -> Result<Format, RequestError> {
     }
 }
 
-/// Reads at most [`MAX_BODY`] bytes. A declared `Content-Length` over the cap is refused
+/// Reads at most `max` bytes (`server.max_auth_body_bytes`). A declared `Content-Length` over the cap is refused
 /// before a byte is read.
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, RequestError> {
+async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, RequestError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+    if declared.is_some_and(|len| len > max as u64) {
         return Err(RequestError::PayloadTooLarge);
     }
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+    match Limited::new(request.into_body(), max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::PayloadTooLarge),
         Err(_) => Err(RequestError::BadRequest("Malformed request body".into())),
@@ -246,9 +243,12 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, RequestError> {
 }
 
 /// Reads, parses and validates `username` and `password`.
-async fn read_credentials(request: Request<Incoming>) -> Result<Credentials, RequestError> {
+async fn read_credentials(
+    request: Request<Incoming>,
+    max_body: usize,
+) -> Result<Credentials, RequestError> {
     let format = format(request.headers())?;
-    let bytes = read_body(request).await?;
+    let bytes = read_body(request, max_body).await?;
     let (username, password) = match format {
         Format::Json => parse_json(&bytes)?,
         Format::Form => parse_form(&bytes)?,

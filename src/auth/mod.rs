@@ -34,6 +34,8 @@ pub struct Auth {
     pub store: Store,
     /// Failed-login limits.
     pub throttle: ThrottleConfig,
+    /// `server.max_auth_body_bytes`: the largest body an auth endpoint reads.
+    pub max_body: usize,
 }
 
 impl Auth {
@@ -44,6 +46,7 @@ impl Auth {
             passwords: Passwords::new(&config.passwords)?,
             store,
             throttle: config.throttle.clone(),
+            max_body: config.server.max_auth_body_bytes,
         })
     }
 
