@@ -167,13 +167,6 @@ impl Gateway {
             return Err(RequestError::UriTooLong);
         }
         check_headers(request.headers(), self.max_headers)?;
-        // keycard is a reverse proxy, not a forward one: a CONNECT tunnel would carry traffic
-        // past every route and identity rule.
-        if request.method() == http::Method::CONNECT {
-            return Err(RequestError::MethodNotAllowed {
-                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
-            });
-        }
         let path =
             routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
@@ -185,6 +178,13 @@ impl Gateway {
             return Ok(response);
         }
 
+        // keycard is a reverse proxy, not a forward one: a CONNECT tunnel would carry traffic
+        // past every route and identity rule.
+        if request.method() == http::Method::CONNECT {
+            return Err(RequestError::MethodNotAllowed {
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            });
+        }
         let index = self.router.find_index(&path).ok_or(RequestError::NoRoute)?;
         let route = &self.router.routes()[index];
         if let Some(label) = self.labels.routes.get(index) {
