@@ -35,14 +35,21 @@ die() { printf 'fuzz-api: %s\n' "$*" >&2; exit 1; }
 
 # --------------------------------------------------------------------------- setup (bounded)
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  log "installing redis-server (Debian package)"
+# Debian packages this script needs, installed when missing (a fresh machine may lack them).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]} (Debian packages)"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-command -v python3 >/dev/null 2>&1 || die "python3 is required"
-command -v curl >/dev/null 2>&1 || die "curl is required"
 
 # The venv is reused while it holds the requested version; the system Python is untouched.
 if [ ! -x "$VENV/bin/st" ] || [ "$(cat "$VENV/.requirement" 2>/dev/null)" != "$SCHEMATHESIS" ]; then

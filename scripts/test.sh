@@ -19,4 +19,12 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
 echo "==> cargo test"
-cargo test --locked
+mkdir -p target
+cargo test --locked 2>&1 | tee target/test-output.log
+
+echo "==> scripts/fuzz-api.sh (schemathesis against openapi.yaml, bounded)"
+scripts/fuzz-api.sh
+
+# One closing line for the whole run (cargo's last line is the doc-tests', which run none).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "total: %d passed, %d failed, %d skipped\n", p, f, i }' \
+  target/test-output.log
