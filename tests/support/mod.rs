@@ -507,6 +507,13 @@ pub struct GatewayOpts {
     pub user_header: String,
     /// `identity.prefix`, when set.
     pub identity_prefix: Option<String>,
+    /// Extra raw `key = value` lines for `[server]` (e.g. `max_connections = 2`).
+    pub server_extra: Vec<String>,
+    /// Extra raw lines for `[passwords]` (after the fast parameters, which they may not
+    /// repeat; set `fast_passwords = false` to choose the cost yourself).
+    pub passwords_extra: Vec<String>,
+    /// Raw lines for a `[throttle]` section, emitted only when non-empty.
+    pub throttle: Vec<String>,
 }
 
 impl GatewayOpts {
@@ -536,6 +543,9 @@ impl GatewayOpts {
             fast_passwords: true,
             user_header: "X-Auth-User".into(),
             identity_prefix: None,
+            server_extra: vec![],
+            passwords_extra: vec![],
+            throttle: vec![],
         }
     }
 
@@ -554,6 +564,10 @@ impl GatewayOpts {
         }
         if let Some(v) = &self.shutdown_timeout {
             t.push_str(&format!("shutdown_timeout = {}\n", q(v)));
+        }
+        for line in &self.server_extra {
+            t.push_str(line);
+            t.push('\n');
         }
         t.push_str("\n[admin]\nlisten = \"127.0.0.1:2\"\n");
         t.push_str(&format!("\n[store]\nurl = {}\n", q(&self.store_url)));
@@ -583,8 +597,22 @@ impl GatewayOpts {
         if let Some(v) = &self.identity_prefix {
             t.push_str(&format!("prefix = {}\n", q(v)));
         }
+        if self.fast_passwords || !self.passwords_extra.is_empty() {
+            t.push_str("\n[passwords]\n");
+        }
         if self.fast_passwords {
-            t.push_str("\n[passwords]\nmemory_kib = 64\niterations = 1\nparallelism = 1\n");
+            t.push_str("memory_kib = 64\niterations = 1\nparallelism = 1\n");
+        }
+        for line in &self.passwords_extra {
+            t.push_str(line);
+            t.push('\n');
+        }
+        if !self.throttle.is_empty() {
+            t.push_str("\n[throttle]\n");
+            for line in &self.throttle {
+                t.push_str(line);
+                t.push('\n');
+            }
         }
         for r in &self.routes {
             t.push_str(&format!(
