@@ -555,50 +555,62 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
     for via_env in [false, true] {
         let dir = temp_dir();
         let path = dir.join("run.toml");
-        let (port, admin_port) = (free_port(), free_port());
-        let toml = GatewayOpts::new("memory://", &upstream.url())
-            .to_toml()
-            .replace("127.0.0.1:1\"", &format!("127.0.0.1:{port}\""))
-            .replace("127.0.0.1:2\"", &format!("127.0.0.1:{admin_port}\""));
-        std::fs::write(&path, toml).unwrap();
-        let mut cmd = keycard_bin();
-        if via_env {
-            cmd.env("KEYCARD_CONFIG", &path);
-        } else {
-            cmd.arg("--config").arg(&path);
-        }
-        let mut child = cmd
-            .env("KEYCARD_LOG", "info")
-            .env("KEYCARD_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let guard = KillOnDrop(child.id());
-
         let client = http_client();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let r = client
-                .get(format!("http://127.0.0.1:{admin_port}/healthz"))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if matches!(&r, Ok(resp) if resp.status() == 200) {
-                break;
+        // free_port() is only free "a moment ago": another test may take it before keycard
+        // binds it. keycard then exits with "cannot listen"; try again with new ports.
+        let mut attempt = 0;
+        let (mut child, guard, port) = loop {
+            attempt += 1;
+            let (port, admin_port) = (free_port(), free_port());
+            let toml = GatewayOpts::new("memory://", &upstream.url())
+                .to_toml()
+                .replace("127.0.0.1:1\"", &format!("127.0.0.1:{port}\""))
+                .replace("127.0.0.1:2\"", &format!("127.0.0.1:{admin_port}\""));
+            std::fs::write(&path, toml).unwrap();
+            let mut cmd = keycard_bin();
+            if via_env {
+                cmd.env("KEYCARD_CONFIG", &path);
+            } else {
+                cmd.arg("--config").arg(&path);
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                use std::io::Read;
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("keycard exited early ({status}):\n{err}");
+            let mut child = cmd
+                .env("KEYCARD_LOG", "info")
+                .env("KEYCARD_LOG_FORMAT", "json")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let guard = KillOnDrop(child.id());
+
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let healthy = loop {
+                let r = client
+                    .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if matches!(&r, Ok(resp) if resp.status() == 200) {
+                    break true;
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                    if err.contains("cannot listen") && attempt < 5 {
+                        break false;
+                    }
+                    panic!("keycard exited early ({status}):\n{err}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "binary never became healthy: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if healthy {
+                break (child, guard, port);
             }
-            assert!(
-                Instant::now() < deadline,
-                "binary never became healthy: {r:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
         let resp = client
             .get(format!("http://127.0.0.1:{port}/public/bin"))
             .send()
