@@ -25,6 +25,8 @@
 //! - [`proxy`]: header rules and the streaming upstream client.
 //! - [`dev`]: the `keycard dev` playground.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod auth;
 pub mod body;
