@@ -340,16 +340,43 @@ async fn failures_across_usernames_from_one_address_are_throttled_per_address() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_cannot_overrun_the_user_limit() {
+    // Checking the count, then the password, then recording the failure would let N guesses
+    // in flight at once all pass the check. Attempts are counted atomically first, so exactly
+    // `user_limit` guesses ever reach argon2.
+    let s = Stack::start().await;
+    s.gw.user("erin").await;
+    let guesses = (0..20).map(|i| {
+        let gw = &s.gw;
+        async move {
+            let password = format!("wrong password {i}");
+            login_outcome(gw.login_raw("erin", &password).await).await.0
+        }
+    });
+    let statuses = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(guesses),
+    )
+    .await
+    .expect("20 parallel logins within 30 s");
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, throttled), (5, 15), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttle_counters_live_in_redis_and_bind_every_instance() {
     let s = Stack::start().await;
     s.gw.user("carol").await;
     let (failures, _, _) = failures_until_throttled(&s.gw, "carol", 20).await;
     assert_eq!(failures, 5);
+    // Every attempt is counted before the password is checked: five failures plus the
+    // refused sixth.
     let count: String = s
         .redis
         .query(redis::cmd("GET").arg("keycard:throttle:user:carol"))
         .await;
-    assert_eq!(count, "5");
+    assert_eq!(count, "6");
     let ttl = pttl(&s.redis, "keycard:throttle:user:carol").await;
     assert!(ttl > 0 && ttl <= 900_000, "user counter PTTL {ttl}");
 

@@ -103,31 +103,32 @@ impl Auth {
             Endpoint::Login => {
                 let creds = read_credentials(request, self.max_body).await?;
                 let address = client.to_string();
-                let state = self.store.login_state(&creds.username, &address).await?;
+                let state = self
+                    .store
+                    .login_attempt(
+                        &creds.username,
+                        &address,
+                        self.throttle.user_window,
+                        self.throttle.address_window,
+                    )
+                    .await?;
                 // Checked before the password: while a throttle is active even the right
-                // password gets 429, or the throttle would be an oracle for guesses.
+                // password gets 429, or the throttle would be an oracle for guesses. The
+                // attempt is already counted, so parallel guesses cannot overrun the limit.
                 self.check_throttle(&state)?;
                 // An unknown user is verified against a dummy hash: the same work, the same
-                // answer and the same failure count as a wrong password, so neither timing
-                // nor throttling reveals which names exist.
+                // answer and the same count as a wrong password, so neither timing nor
+                // throttling reveals which names exist.
                 if !self
                     .passwords
                     .verify(&creds.password, state.hash.as_deref())
                     .await?
                 {
-                    self.store
-                        .record_login_failure(
-                            &creds.username,
-                            &address,
-                            self.throttle.user_window,
-                            self.throttle.address_window,
-                        )
-                        .await?;
                     return Err(RequestError::BadCredentials);
                 }
-                if state.user.count > 0 {
-                    self.store.clear_user_failures(&creds.username).await?;
-                }
+                self.store
+                    .login_succeeded(&creds.username, &address)
+                    .await?;
                 let pair = self.tokens.issue_pair(&creds.username)?;
                 Ok((token_response(&pair), Some(creds.username)))
             }
@@ -162,8 +163,8 @@ impl Auth {
 }
 
 impl Auth {
-    /// 429 while the username's or the address's failures have reached their limit; the
-    /// `Retry-After` is when the later of the two windows ends.
+    /// 429 when this attempt (already counted) goes past the username's or the address's
+    /// limit; the `Retry-After` is when the later of the two windows ends.
     fn check_throttle(&self, state: &LoginState) -> Result<(), RequestError> {
         let limits = [
             (self.throttle.user_limit, state.user),
@@ -171,7 +172,7 @@ impl Auth {
         ];
         let retry_after = limits
             .iter()
-            .filter(|(limit, counter)| *limit > 0 && counter.count >= *limit)
+            .filter(|(limit, counter)| *limit > 0 && counter.count > *limit)
             .map(|(_, counter)| counter.resets_in)
             .max();
         match retry_after {

@@ -32,10 +32,11 @@ pub enum StoreError {
     Timeout(Duration),
 }
 
-/// A failed-login counter: failures in the current window and the time until it resets.
+/// A login-attempt counter: failed attempts in the current window (plus the one in progress;
+/// successes are taken back) and the time until the window resets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counter {
-    /// Failures counted so far in the window.
+    /// Attempts counted in the window, the current one included.
     pub count: u64,
     /// Time until the window ends and the count starts again from zero.
     pub resets_in: Duration,
@@ -46,22 +47,39 @@ pub struct Counter {
 pub struct LoginState {
     /// The user's PHC hash, if the user exists.
     pub hash: Option<String>,
-    /// Failures for this username.
+    /// Attempts for this username.
     pub user: Counter,
-    /// Failures from this client address.
+    /// Attempts from this client address.
     pub address: Counter,
 }
 
-/// Increments each key and starts its expiry if it has none yet (a fresh window). One script,
-/// so a counter can never be left without an expiry by a crash between two commands.
-const BUMP_SCRIPT: &str = r"
-for i, key in ipairs(KEYS) do
-  redis.call('INCR', key)
-  if redis.call('PTTL', key) < 0 then
-    redis.call('PEXPIRE', key, ARGV[i])
+/// One login attempt, atomically: counts it against the username and the address (starting a
+/// window's expiry on a counter's first use) and returns the user's hash with both counts and
+/// their remaining windows. Counting *before* the password is checked is what makes the limit
+/// exact: of N parallel guesses, only those the limit allows ever reach argon2.
+/// KEYS: user, user counter, address counter. ARGV: user window ms, address window ms.
+const ATTEMPT_SCRIPT: &str = r"
+local out = { redis.call('GET', KEYS[1]) or false }
+for i = 2, 3 do
+  local n = redis.call('INCR', KEYS[i])
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[i - 1])
   end
+  out[#out + 1] = n
+  out[#out + 1] = redis.call('PTTL', KEYS[i])
 end
-return #KEYS
+return out
+";
+
+/// A successful login: forgets the username's failures and takes back the address's
+/// reservation (only while its window still runs: a DECR on an expired key would create one
+/// with no expiry). KEYS: user counter, address counter.
+const SUCCESS_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1])
+if redis.call('PTTL', KEYS[2]) > 0 then
+  redis.call('DECR', KEYS[2])
+end
+return 1
 ";
 
 /// Handle to the configured store; cheap to clone, shared by every request.
@@ -99,7 +117,7 @@ impl MemoryMap {
         }
     }
 
-    /// `INCR` plus an expiry on first use, like [`BUMP_SCRIPT`].
+    /// `INCR` plus an expiry on first use, like [`ATTEMPT_SCRIPT`]; returns the new count.
     fn bump(&mut self, key: &str, window: Duration) {
         let now = Instant::now();
         let Counter { count, resets_in } = self.counter(key, now);
@@ -264,11 +282,15 @@ impl Store {
         }
     }
 
-    /// The user's hash and both failure counters for a login attempt, in one round trip.
-    pub async fn login_state(
+    /// Counts a login attempt against the username and the address and returns the user's
+    /// hash with both counts (this attempt included), in one atomic round trip. See
+    /// [`ATTEMPT_SCRIPT`] for why the attempt is counted before the password is checked.
+    pub async fn login_attempt(
         &self,
         username: &str,
         address: &str,
+        user_window: Duration,
+        address_window: Duration,
     ) -> Result<LoginState, StoreError> {
         let user_key = self.key("user:", username);
         let user_failures = self.key("throttle:user:", username);
@@ -276,20 +298,23 @@ impl Store {
         match &self.backend {
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
-                let mut pipe = redis::pipe();
-                pipe.cmd("GET").arg(&user_key);
-                for key in [&user_failures, &address_failures] {
-                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-                }
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(ATTEMPT_SCRIPT)
+                    .arg(3)
+                    .arg(&user_key)
+                    .arg(&user_failures)
+                    .arg(&address_failures)
+                    .arg(user_window.as_millis().max(1) as u64)
+                    .arg(address_window.as_millis().max(1) as u64);
                 let (hash, user_count, user_ttl, address_count, address_ttl): (
                     Option<String>,
-                    Option<u64>,
+                    u64,
                     i64,
-                    Option<u64>,
+                    u64,
                     i64,
-                ) = self.bounded(pipe.query_async(&mut conn)).await?;
-                let counter = |count: Option<u64>, ttl: i64| Counter {
-                    count: count.unwrap_or(0),
+                ) = self.bounded(cmd.query_async(&mut conn)).await?;
+                let counter = |count: u64, ttl: i64| Counter {
+                    count,
                     resets_in: Duration::from_millis(ttl.max(0) as u64),
                 };
                 Ok(LoginState {
@@ -299,8 +324,10 @@ impl Store {
                 })
             }
             Backend::Memory(map) => {
-                let map = lock(map);
+                let mut map = lock(map);
                 let now = Instant::now();
+                map.bump(&user_failures, user_window);
+                map.bump(&address_failures, address_window);
                 Ok(LoginState {
                     hash: map.live(&user_key, now).cloned(),
                     user: map.counter(&user_failures, now),
@@ -310,57 +337,32 @@ impl Store {
         }
     }
 
-    /// Counts one failed login against the username and the address; a window that is not
-    /// running yet starts now.
-    pub async fn record_login_failure(
-        &self,
-        username: &str,
-        address: &str,
-        user_window: Duration,
-        address_window: Duration,
-    ) -> Result<(), StoreError> {
-        let keys = [
-            (self.key("throttle:user:", username), user_window),
-            (self.key("throttle:addr:", address), address_window),
-        ];
+    /// A login succeeded: the username's failures are forgotten (the real user is not locked
+    /// out by their own earlier typos) and the address gets its attempt back, so many users
+    /// behind one NAT are not throttled for logging in.
+    pub async fn login_succeeded(&self, username: &str, address: &str) -> Result<(), StoreError> {
+        let user_failures = self.key("throttle:user:", username);
+        let address_failures = self.key("throttle:addr:", address);
         match &self.backend {
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(BUMP_SCRIPT).arg(keys.len());
-                for (key, _) in &keys {
-                    cmd.arg(key);
-                }
-                for (_, window) in &keys {
-                    cmd.arg(window.as_millis().max(1) as u64);
-                }
+                cmd.arg(SUCCESS_SCRIPT)
+                    .arg(2)
+                    .arg(&user_failures)
+                    .arg(&address_failures);
                 let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
                 Ok(())
             }
             Backend::Memory(map) => {
                 let mut map = lock(map);
-                for (key, window) in &keys {
-                    map.bump(key, *window);
+                map.entries.remove(&user_failures);
+                if let Some((value, Some(deadline))) = map.entries.get_mut(&address_failures)
+                    && *deadline > Instant::now()
+                {
+                    let count = value.parse::<u64>().unwrap_or(1).saturating_sub(1);
+                    *value = count.to_string();
                 }
-                Ok(())
-            }
-        }
-    }
-
-    /// Forgets a username's failures after a successful login, so the real user is not
-    /// locked out by their own typos from earlier in the window.
-    pub async fn clear_user_failures(&self, username: &str) -> Result<(), StoreError> {
-        let key = self.key("throttle:user:", username);
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                let _: i64 = self
-                    .bounded(redis::cmd("DEL").arg(&key).query_async(&mut conn))
-                    .await?;
-                Ok(())
-            }
-            Backend::Memory(map) => {
-                lock(map).entries.remove(&key);
                 Ok(())
             }
         }
@@ -413,35 +415,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn memory_failure_counters_count_within_a_window() {
+    async fn memory_login_attempts_are_counted_before_the_check() {
         let store = memory();
         let w = Duration::from_millis(60);
         store.create_user("alice", "h").await.unwrap();
         store
-            .record_login_failure("alice", "10.0.0.1", w, w)
+            .login_attempt("alice", "10.0.0.1", w, w)
             .await
             .unwrap();
-        store
-            .record_login_failure("alice", "10.0.0.2", w, w)
+        let state = store
+            .login_attempt("alice", "10.0.0.2", w, w)
             .await
             .unwrap();
-        let state = store.login_state("alice", "10.0.0.1").await.unwrap();
         assert_eq!(state.hash.as_deref(), Some("h"));
-        assert_eq!(state.user.count, 2);
+        assert_eq!(state.user.count, 2, "this attempt is included");
         assert_eq!(state.address.count, 1);
         assert!(state.user.resets_in <= w && state.user.resets_in > Duration::ZERO);
-        store.clear_user_failures("alice").await.unwrap();
-        assert_eq!(store.login_state("alice", "x").await.unwrap().user.count, 0);
+        // Success forgets the user's failures and gives the address its attempt back.
+        store.login_succeeded("alice", "10.0.0.2").await.unwrap();
+        let state = store
+            .login_attempt("alice", "10.0.0.2", w, w)
+            .await
+            .unwrap();
+        assert_eq!((state.user.count, state.address.count), (1, 1));
         tokio::time::sleep(w + Duration::from_millis(10)).await;
-        assert_eq!(
-            store
-                .login_state("a", "10.0.0.1")
-                .await
-                .unwrap()
-                .address
-                .count,
-            0
-        );
+        let state = store.login_attempt("bob", "10.0.0.1", w, w).await.unwrap();
+        assert_eq!(state.address.count, 1, "a new window");
+        assert_eq!(state.hash, None);
     }
 
     #[tokio::test]
