@@ -38,8 +38,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What hyper is given instead of a head with ambiguous framing: a method with a control
-/// byte, which no HTTP parser accepts.
-const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+/// byte, which no HTTP parser accepts. Public for the fuzz target and its corpus test.
+pub const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which hyper-util detects itself.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

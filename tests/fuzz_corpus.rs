@@ -353,7 +353,7 @@ fn config_parse_corpus() {
 
 // ---- framing_scan ----
 
-const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+use keycard::framing::REJECTED_HEAD;
 
 fn run(input: &[u8], step: usize, max_head: usize) -> Vec<u8> {
     let mut scanner = Scanner::new(max_head);

@@ -12,9 +12,7 @@
 use keycard::framing::Scanner;
 use libfuzzer_sys::fuzz_target;
 
-/// What the scanner hands hyper instead of a refused head (private in keycard; the contract
-/// is only "hyper answers 400 and closes", so a change there should be looked at here too).
-const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+use keycard::framing::REJECTED_HEAD;
 
 /// Feeds `input` in `step`-byte pieces, consuming what is ready after each, like `Guarded`.
 fn run(input: &[u8], step: usize, max_head: usize) -> Vec<u8> {
