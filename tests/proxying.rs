@@ -424,6 +424,46 @@ async fn slow_upstream_beyond_route_timeout_is_504() {
     assert_eq!(echo.path, "/public/slow");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_never_accepts_is_504_after_the_route_connect_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    // hangs (on loopback, with no packet leaving the machine) until the route's
+    // connect_timeout, which must be answered 504 like nginx's proxy_connect_timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the queue with connections nobody accepts (each attempt bounded).
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break,
+        }
+    }
+    let redis = RedisServer::new();
+    let upstream = Upstream::start().await;
+    let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
+    opts.routes.push(
+        RouteSpec::new("/stuck", &format!("http://{addr}"), "public").connect_timeout("300ms"),
+    );
+    let gw = Gateway::start(opts).await;
+    let started = Instant::now();
+    let f = failure(gw.get("/stuck/x", None).await).await;
+    assert_eq!(f.status, 504, "{f:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "504 after {:?}",
+        started.elapsed()
+    );
+    drop(held);
+}
+
 // ----------------------------------------------------------------------------- HTTP/1 limits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

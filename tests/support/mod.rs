@@ -485,6 +485,11 @@ impl RouteSpec {
         self.timeout = Some(t.into());
         self
     }
+
+    pub fn connect_timeout(mut self, t: &str) -> Self {
+        self.connect_timeout = Some(t.into());
+        self
+    }
 }
 
 /// Options that become the gateway's TOML config.
