@@ -38,45 +38,9 @@ fi
 command -v redis-server >/dev/null 2>&1 || { echo "redis-server is required" >&2; exit 2; }
 command -v wrk >/dev/null 2>&1 || echo "==> wrk not available: using the built-in client"
 
-REDIS_PID=""
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-cleanup() {
-  if [ -n "$REDIS_PID" ]; then
-    kill "$REDIS_PID" 2>/dev/null || true
-    wait "$REDIS_PID" 2>/dev/null || true
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_redis() {
-  local port
-  for _ in 1 2 3 4 5; do
-    port=$((20000 + RANDOM % 30000))
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-      --daemonize no >/dev/null 2>&1 &
-    REDIS_PID=$!
-    for _ in $(seq 1 100); do
-      if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then
-        REDIS_PORT="$port"
-        return 0
-      fi
-      kill -0 "$REDIS_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill "$REDIS_PID" 2>/dev/null || true
-    wait "$REDIS_PID" 2>/dev/null || true
-    REDIS_PID=""
-  done
-  echo "could not start redis-server on a loopback port" >&2
-  return 1
-}
-
-echo "==> cargo build --release --locked --bin keycard --example soak"
-timeout 1800 cargo build --release --locked --bin keycard --example soak
-
-start_redis
-echo "==> redis-server on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+build_and_start_redis
 
 status=0
 # 6 scenarios x (SECS + 1 s warm-up) plus setup and shutdown.
