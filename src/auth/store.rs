@@ -247,19 +247,6 @@ impl Store {
         self.set_nx(&self.key("user:", username), phc, None).await
     }
 
-    /// The stored password hash of a user, if the user exists.
-    pub async fn user_hash(&self, username: &str) -> Result<Option<String>, StoreError> {
-        let key = self.key("user:", username);
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                self.bounded(redis::cmd("GET").arg(&key).query_async(&mut conn))
-                    .await
-            }
-            Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).cloned()),
-        }
-    }
-
     /// Revokes a `jti` for `ttl` (the token's remaining life). Returns false when it was
     /// already revoked, which makes refresh-token rotation single-use even under a race.
     pub async fn revoke(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -407,11 +394,11 @@ mod tests {
         let store = memory();
         assert!(store.create_user("alice", "h1").await.unwrap());
         assert!(!store.create_user("alice", "h2").await.unwrap());
-        assert_eq!(
-            store.user_hash("alice").await.unwrap().as_deref(),
-            Some("h1")
-        );
-        assert_eq!(store.user_hash("bob").await.unwrap(), None);
+        let w = Duration::from_secs(60);
+        let alice = store.login_attempt("alice", "a", w, w).await.unwrap();
+        assert_eq!(alice.hash.as_deref(), Some("h1"));
+        let bob = store.login_attempt("bob", "a", w, w).await.unwrap();
+        assert_eq!(bob.hash, None);
     }
 
     #[tokio::test]
