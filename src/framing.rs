@@ -170,6 +170,33 @@ impl Scanner {
         &self.pending[..self.ready]
     }
 
+    /// How many bytes may be read straight into the reader's buffer, skipping `pending`: all
+    /// of them in pass-through, the rest of a body of known length; none while anything is
+    /// held or a head or chunk line must be parsed. Saves two copies of every body and tunnel
+    /// byte.
+    fn direct_limit(&self) -> usize {
+        if !self.pending.is_empty() {
+            return 0;
+        }
+        match self.state {
+            State::Passthrough | State::Blind => usize::MAX,
+            State::Body(left) => usize::try_from(left).unwrap_or(usize::MAX),
+            _ => 0,
+        }
+    }
+
+    /// Accounts for `n` bytes read directly (at most [`Scanner::direct_limit`]).
+    fn skipped(&mut self, n: usize) {
+        if let State::Body(left) = self.state {
+            let left = left.saturating_sub(n as u64);
+            self.state = if left == 0 {
+                State::Head
+            } else {
+                State::Body(left)
+            };
+        }
+    }
+
     /// Marks `n` ready bytes as handed over.
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.ready);
@@ -402,6 +429,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
             if this.eof || this.scanner.state == State::Rejected {
                 return Poll::Ready(Ok(()));
             }
+            let direct = this.scanner.direct_limit().min(buf.remaining());
+            if direct > 0 {
+                // Nothing to parse in these bytes: read them into hyper's buffer and count them.
+                let dst = buf.initialize_unfilled_to(direct);
+                let mut read = ReadBuf::new(dst);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        buf.advance(n);
+                        if n == 0 {
+                            this.eof = true;
+                            this.scanner.finish();
+                        } else {
+                            this.scanner.skipped(n);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
@@ -605,6 +653,59 @@ mod tests {
             assert_eq!(state, State::Blind, "{}", String::from_utf8_lossy(input));
             assert_eq!(out, input, "bytes still reach hyper, which refuses them");
         }
+    }
+
+    #[tokio::test]
+    async fn bodies_read_directly_are_still_followed_to_the_next_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut guarded = Guarded::new(
+            server,
+            1024,
+            Duration::from_secs(5),
+            Arc::new(ConnectionFlags::default()),
+        );
+        let head = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let mut out = vec![0u8; head.len()];
+        guarded.read_exact(&mut out).await.unwrap();
+        assert_eq!(out, head);
+        // The body now arrives on its own (read straight through), then a smuggling head.
+        client.write_all(b"0123").await.unwrap();
+        let mut part = [0u8; 4];
+        guarded.read_exact(&mut part).await.unwrap();
+        assert_eq!(guarded.scanner.state, State::Body(6));
+        client
+            .write_all(
+                b"456789POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        guarded.read_to_end(&mut rest).await.unwrap();
+        let mut expected = b"456789".to_vec();
+        expected.extend_from_slice(REJECTED_HEAD);
+        assert_eq!(rest, expected);
+    }
+
+    #[tokio::test]
+    async fn pass_through_bytes_are_read_directly_and_unchanged() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut guarded = Guarded::new(
+            server,
+            1024,
+            Duration::from_secs(5),
+            Arc::new(ConnectionFlags::default()),
+        );
+        let mut input = H2_PREFACE.to_vec();
+        input.extend((0..20_000u32).map(|i| (i % 251) as u8));
+        client.write_all(&input).await.unwrap();
+        drop(client);
+        let mut out = Vec::new();
+        guarded.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
     }
 
     #[test]
