@@ -90,20 +90,6 @@ async fn pttl(redis: &RedisServer, key: &str) -> i64 {
     redis.query(redis::cmd("PTTL").arg(key)).await
 }
 
-/// Reads from `stream` until EOF, reset or `limit`; returns the bytes and whether it closed.
-async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return (out, false),
-            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// One HTTP/1.1 response parsed out of a byte stream.
 #[derive(Debug)]
 struct Parsed {

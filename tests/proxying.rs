@@ -547,24 +547,15 @@ async fn malformed_transfer_encoding_is_400() {
 async fn incomplete_headers_are_closed_after_header_read_timeout() {
     let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
     let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     stream
         .write_all(b"GET /public/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         .await
         .unwrap();
     let started = Instant::now();
-    let mut buf = [0u8; 1024];
     // Anything (a 408 or nothing) then EOF; but never a forwarded request.
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "connection still open after 5 s");
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed, "connection still open after 5 s");
     assert!(started.elapsed() >= Duration::from_millis(800));
     assert_eq!(s.upstream.hits(), 0);
 }
@@ -698,20 +689,10 @@ async fn request_body_is_streamed_to_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connection_is_closed_after_header_read_timeout() {
     // A client that connects and sends nothing has not completed its headers either.
-    use tokio::io::AsyncReadExt;
     let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
     let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "idle connection still open after 5 s");
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed, "idle connection still open after 5 s");
 }
 
 // ----------------------------------------------------------------------------- harness checks

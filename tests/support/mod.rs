@@ -1034,17 +1034,27 @@ impl RawResponse {
 
     /// True when the server closes the connection within `limit` (EOF or reset).
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
-        let Some(stream) = self.stream.as_mut() else {
-            return true;
-        };
-        let mut buf = [0u8; 1024];
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-                Err(_) => return false,
-                Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => continue, // more bytes (e.g. a second response): keep reading
-            }
+        match self.stream.as_mut() {
+            Some(stream) => read_to_close(stream, limit).await.1,
+            None => true,
+        }
+    }
+}
+
+/// Reads everything the peer sends until it closes (EOF or reset) or `limit` passes; returns
+/// the bytes and whether it closed.
+pub async fn read_to_close<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    limit: Duration,
+) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (out, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
         }
     }
 }
