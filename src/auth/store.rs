@@ -12,7 +12,6 @@
 //!   counters (`INCR`), expiring at the end of their window.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -200,12 +199,14 @@ impl Store {
         })
     }
 
-    /// Bounds one operation by `store.timeout`.
-    async fn bounded<T>(
+    /// Runs one Redis command on the shared connection, bounded by `store.timeout`.
+    async fn query<T: redis::FromRedisValue>(
         &self,
-        op: impl Future<Output = Result<T, redis::RedisError>>,
+        conn: &ConnectionManager,
+        cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, op).await {
+        let mut conn = conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
@@ -229,13 +230,12 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut conn = conn.clone();
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(key).arg(value).arg("NX");
                 if let Some(ttl) = ttl {
-                    cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+                    cmd.arg("PX").arg(millis(ttl));
                 }
-                let reply: Option<String> = self.bounded(cmd.query_async(&mut conn)).await?;
+                let reply: Option<String> = self.query(conn, &cmd).await?;
                 Ok(reply.is_some())
             }
             Backend::Memory(map) => Ok(lock(map).set_nx(key, value, ttl)),
@@ -259,10 +259,7 @@ impl Store {
         let key = self.key("revoked:", jti);
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                let n: u64 = self
-                    .bounded(redis::cmd("EXISTS").arg(&key).query_async(&mut conn))
-                    .await?;
+                let n: u64 = self.query(conn, redis::cmd("EXISTS").arg(&key)).await?;
                 Ok(n > 0)
             }
             Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).is_some()),
@@ -284,22 +281,18 @@ impl Store {
         let address_failures = self.key("throttle:addr:", address);
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(ATTEMPT_SCRIPT)
-                    .arg(3)
-                    .arg(&user_key)
-                    .arg(&user_failures)
-                    .arg(&address_failures)
-                    .arg(user_window.as_millis().max(1) as u64)
-                    .arg(address_window.as_millis().max(1) as u64);
+                let cmd = eval(
+                    ATTEMPT_SCRIPT,
+                    &[&user_key, &user_failures, &address_failures],
+                    &[millis(user_window), millis(address_window)],
+                );
                 let (hash, user_count, user_ttl, address_count, address_ttl): (
                     Option<String>,
                     u64,
                     i64,
                     u64,
                     i64,
-                ) = self.bounded(cmd.query_async(&mut conn)).await?;
+                ) = self.query(conn, &cmd).await?;
                 let counter = |count: u64, ttl: i64| Counter {
                     count,
                     resets_in: Duration::from_millis(ttl.max(0) as u64),
@@ -332,13 +325,8 @@ impl Store {
         let address_failures = self.key("throttle:addr:", address);
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(SUCCESS_SCRIPT)
-                    .arg(2)
-                    .arg(&user_failures)
-                    .arg(&address_failures);
-                let _: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+                let cmd = eval(SUCCESS_SCRIPT, &[&user_failures, &address_failures], &[]);
+                let _: i64 = self.query(conn, &cmd).await?;
                 Ok(())
             }
             Backend::Memory(map) => {
@@ -359,15 +347,26 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut conn = conn.clone();
-                let _: String = self
-                    .bounded(redis::cmd("PING").query_async(&mut conn))
-                    .await?;
+                let _: String = self.query(conn, &redis::cmd("PING")).await?;
                 Ok(())
             }
             Backend::Memory(_) => Ok(()),
         }
     }
+}
+
+/// `EVAL script numkeys keys... args...`.
+fn eval(script: &str, keys: &[&str], args: &[u64]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len()).arg(keys).arg(args);
+    cmd
+}
+
+/// A duration as Redis milliseconds, never 0 (which Redis refuses as an expiry).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Locks the memory map. A panic while holding the lock cannot leave the map half-written
