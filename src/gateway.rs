@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ use crate::routes::{self, Router};
 
 /// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
 /// written in the access log, so one id follows a request through every hop.
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::proxy::headers::X_REQUEST_ID as REQUEST_ID;
 
 /// Everything a request needs, built once at startup.
 #[derive(Debug)]

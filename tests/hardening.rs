@@ -356,13 +356,13 @@ async fn throttle_counters_live_in_redis_and_bind_every_instance() {
     s.gw.user("carol").await;
     let (failures, _, _) = failures_until_throttled(&s.gw, "carol", 20).await;
     assert_eq!(failures, 5);
-    // Every attempt is counted before the password is checked: five failures plus the
-    // refused sixth.
+    // Five failures; the refused sixth counts nothing (a throttled attempt never adds to
+    // the counters, so hammering a throttled name cannot extend or deepen its lock-out).
     let count: String = s
         .redis
         .query(redis::cmd("GET").arg("keycard:throttle:user:carol"))
         .await;
-    assert_eq!(count, "6");
+    assert_eq!(count, "5");
     let ttl = pttl(&s.redis, "keycard:throttle:user:carol").await;
     assert!(ttl > 0 && ttl <= 900_000, "user counter PTTL {ttl}");
 
@@ -371,6 +371,163 @@ async fn throttle_counters_live_in_redis_and_bind_every_instance() {
     let (status, retry_after, _) = login_outcome(second.login_raw("carol", PASSWORD).await).await;
     assert_eq!(status, 429);
     assert!(retry_after.is_some_and(|r| r > 0 && r <= 900));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_correct_logins_never_lock_anyone_out() {
+    // Ten logins for one user at once, all with the right password: those beyond the limit
+    // may be told to wait (the attempts in flight fill it), but nothing is left counted, and
+    // the refusal says so and clears by itself.
+    let s = Stack::start().await;
+    s.gw.user("grace").await;
+    for round in 0..3 {
+        let logins = (0..10).map(|_| {
+            let gw = &s.gw;
+            async move { login_outcome(gw.login_raw("grace", PASSWORD).await).await }
+        });
+        let outcomes = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(logins),
+        )
+        .await
+        .expect("10 parallel logins within 30 s");
+        for (status, retry_after, msg) in &outcomes {
+            match status {
+                200 => {}
+                429 => {
+                    assert_eq!(
+                        msg,
+                        "Too many login attempts in progress, try again shortly"
+                    );
+                    assert_eq!(*retry_after, Some(1));
+                }
+                other => panic!("round {round}: unexpected {other} {msg}"),
+            }
+        }
+        assert!(
+            outcomes.iter().filter(|o| o.0 == 200).count() >= 5,
+            "round {round}: at least user_limit logins succeed: {outcomes:?}"
+        );
+        for key in [
+            "keycard:throttle:user:grace",
+            "keycard:throttle:addr:127.0.0.1",
+            "keycard:throttle:pending:user:grace",
+            "keycard:throttle:pending:addr:127.0.0.1",
+        ] {
+            assert_eq!(
+                pttl(&s.redis, key).await,
+                -2,
+                "round {round}: {key} left behind"
+            );
+        }
+        // Sequential logins right after the burst all work.
+        s.gw.login("grace", PASSWORD).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_correct_logins_from_eight_clients_leave_no_failures() {
+    // The review's wrk -c8 run: eight clients logging in as one user for a while. Bounded in
+    // count (8 × 40) and time.
+    let s = Stack::start().await;
+    s.gw.user("heidi").await;
+    let clients = (0..8).map(|_| {
+        let gw = &s.gw;
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..40 {
+                statuses.push(login_outcome(gw.login_raw("heidi", PASSWORD).await).await.0);
+            }
+            statuses
+        }
+    });
+    let statuses: Vec<u16> = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(clients),
+    )
+    .await
+    .expect("320 logins within 60 s")
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200));
+    assert_eq!(pttl(&s.redis, "keycard:throttle:user:heidi").await, -2);
+    assert_eq!(pttl(&s.redis, "keycard:throttle:addr:127.0.0.1").await, -2);
+    // Neither the user nor anyone else behind the same address is locked out.
+    s.gw.login("heidi", PASSWORD).await;
+    s.gw.user("ivan").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_address_counts_nothing_and_creates_no_keys() {
+    let s = Stack::start_with(|o| o.throttle = vec!["address_limit = 3".into()]).await;
+    for user in ["spray1", "spray2", "spray3"] {
+        assert_eq!(s.gw.login_raw(user, "wrong password!").await.status(), 401);
+    }
+    let before: Vec<String> = s
+        .redis
+        .query(redis::cmd("KEYS").arg("keycard:throttle:*"))
+        .await;
+    for i in 0..100 {
+        let (status, _, msg) = login_outcome(
+            s.gw.login_raw(&format!("victim{i}"), "wrong password!")
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (status, msg.as_str()),
+            (429, "Too many failed login attempts, try again later")
+        );
+    }
+    let mut after: Vec<String> = s
+        .redis
+        .query(redis::cmd("KEYS").arg("keycard:throttle:*"))
+        .await;
+    after.sort();
+    let mut before = before;
+    before.sort();
+    assert_eq!(before, after, "a throttled address must not create keys");
+    let count: String = s
+        .redis
+        .query(redis::cmd("GET").arg("keycard:throttle:addr:127.0.0.1"))
+        .await;
+    assert_eq!(count, "3", "throttled attempts are not counted");
+    // The names it tried are not locked out for other addresses.
+    let (status, _, _) =
+        login_outcome(login_with(&s.gw, "victim7", "wrong password!", &[]).await).await;
+    assert_eq!(status, 429, "still the same address");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_is_throttled_per_address_and_409s_count_as_failures() {
+    let s = Stack::start_with(|o| o.throttle = vec!["address_limit = 4".into()]).await;
+    assert_eq!(s.gw.register("alice", PASSWORD).await.status(), 201);
+    // Probing for existing names: each 409 counts.
+    for i in 0..4 {
+        assert_eq!(
+            s.gw.register("alice", PASSWORD).await.status(),
+            409,
+            "probe {i}"
+        );
+    }
+    let resp = s.gw.register("alice", PASSWORD).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    // A new name is refused too while the address is throttled: no oracle either way.
+    assert_eq!(s.gw.register("brand-new", PASSWORD).await.status(), 429);
+    // Registering (201) never counts: a fresh stack shows it.
+    let t = Stack::start_with(|o| o.throttle = vec!["address_limit = 2".into()]).await;
+    for i in 0..5 {
+        assert_eq!(
+            t.gw.register(&format!("user{i}"), PASSWORD).await.status(),
+            201
+        );
+    }
+    assert_eq!(pttl(&t.redis, "keycard:throttle:addr:127.0.0.1").await, -2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

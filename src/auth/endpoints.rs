@@ -5,6 +5,7 @@
 //! the Flask-JWT-Extended tutorial's shapes and messages so existing clients work unchanged.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -13,7 +14,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::Auth;
-use super::store::LoginState;
+use super::store::{Attempt, Outcome, Reservation, Subject};
 use super::token::{IssuedPair, TokenType};
 use crate::body::{self, Body};
 use crate::error::RequestError;
@@ -93,8 +94,20 @@ impl Auth {
         match endpoint {
             Endpoint::Register => {
                 let creds = read_credentials(request, self.max_body).await?;
+                // Throttled per address like /login: a 409 answers "does this name exist?",
+                // so each one counts as a failed attempt.
+                let subjects = vec![self.address_subject(client)];
+                let (_, reservation) = self.begin(subjects, None).await?;
                 let phc = self.passwords.hash(&creds.password).await?;
-                if !self.store.create_user(&creds.username, &phc).await? {
+                let created = self.store.create_user(&creds.username, &phc).await?;
+                reservation
+                    .end(if created {
+                        Outcome::Succeeded
+                    } else {
+                        Outcome::Failed
+                    })
+                    .await?;
+                if !created {
                     return Err(RequestError::UserExists);
                 }
                 let response = body::json_msg(StatusCode::CREATED, "User created successfully");
@@ -102,33 +115,38 @@ impl Auth {
             }
             Endpoint::Login => {
                 let creds = read_credentials(request, self.max_body).await?;
-                let address = client.to_string();
-                let state = self
-                    .store
-                    .login_attempt(
+                // The address first: a throttled address counts nothing, not even against
+                // the names it tries, so it can neither fill the store nor lock users out.
+                let subjects = vec![
+                    self.address_subject(client),
+                    self.store.subject(
+                        "user",
                         &creds.username,
-                        &address,
+                        self.throttle.user_limit,
                         self.throttle.user_window,
-                        self.throttle.address_window,
-                    )
-                    .await?;
+                        true,
+                    ),
+                ];
                 // Checked before the password: while a throttle is active even the right
-                // password gets 429, or the throttle would be an oracle for guesses. The
-                // attempt is already counted, so parallel guesses cannot overrun the limit.
-                self.check_throttle(&state)?;
+                // password gets 429, or the throttle would be an oracle for guesses.
+                let (hash, reservation) = self.begin(subjects, Some(&creds.username)).await?;
                 // An unknown user is verified against a dummy hash: the same work, the same
                 // answer and the same count as a wrong password, so neither timing nor
                 // throttling reveals which names exist.
-                if !self
+                let valid = self
                     .passwords
-                    .verify(&creds.password, state.hash.as_deref())
-                    .await?
-                {
+                    .verify(&creds.password, hash.as_deref())
+                    .await?;
+                reservation
+                    .end(if valid {
+                        Outcome::Succeeded
+                    } else {
+                        Outcome::Failed
+                    })
+                    .await?;
+                if !valid {
                     return Err(RequestError::BadCredentials);
                 }
-                self.store
-                    .login_succeeded(&creds.username, &address)
-                    .await?;
                 let pair = self.tokens.issue_pair(&creds.username)?;
                 Ok((token_response(&pair), Some(creds.username)))
             }
@@ -163,24 +181,35 @@ impl Auth {
 }
 
 impl Auth {
-    /// 429 when this attempt (already counted) goes past the username's or the address's
-    /// limit; the `Retry-After` is when the later of the two windows ends.
-    fn check_throttle(&self, state: &LoginState) -> Result<(), RequestError> {
-        let limits = [
-            (self.throttle.user_limit, state.user),
-            (self.throttle.address_limit, state.address),
-        ];
-        let retry_after = limits
-            .iter()
-            .filter(|(limit, counter)| *limit > 0 && counter.count > *limit)
-            .map(|(_, counter)| counter.resets_in)
-            .max();
-        match retry_after {
-            Some(retry_after) => Err(RequestError::TooManyRequests {
+    /// The client address as a throttle subject (`throttle.address_*`).
+    fn address_subject(&self, client: IpAddr) -> Subject {
+        self.store.subject(
+            "addr",
+            &client.to_string(),
+            self.throttle.address_limit,
+            self.throttle.address_window,
+            false,
+        )
+    }
+
+    /// Begins a throttled attempt: its reservation (and the user's hash, when `user` is
+    /// given), or 429. A 429 counts nothing. It says which kind it is: failures at the limit
+    /// last until the window ends; attempts in flight at the limit clear by themselves.
+    async fn begin(
+        &self,
+        subjects: Vec<Subject>,
+        user: Option<&str>,
+    ) -> Result<(Option<String>, Reservation), RequestError> {
+        match self.store.begin_attempt(subjects, user).await? {
+            Attempt::Go { hash, reservation } => Ok((hash, reservation)),
+            Attempt::Throttled { retry_after } => Err(RequestError::TooManyRequests {
                 msg: "Too many failed login attempts, try again later",
                 retry_after,
             }),
-            None => Ok(()),
+            Attempt::Busy => Err(RequestError::TooManyRequests {
+                msg: "Too many login attempts in progress, try again shortly",
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 }
@@ -304,11 +333,7 @@ fn parse_form(bytes: &[u8]) -> Result<Fields, RequestError> {
 
 /// 1–64 characters of `A-Z a-z 0-9 . _ @ -`, returned lowercased.
 fn validate_username(username: &str) -> Result<String, RequestError> {
-    let ok = (1..=64).contains(&username.len())
-        && username
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
-    if ok {
+    if super::is_valid_username(username) {
         Ok(username.to_ascii_lowercase())
     } else {
         Err(bad(

@@ -128,6 +128,19 @@ impl SessionWatch {
     }
 }
 
+/// Whether `name` is a user name by the contract's rules: 1–64 characters of
+/// `A-Z a-z 0-9 . _ @ -`.
+///
+/// Why one function: `/register` admits names by it, token verification refuses a `sub`
+/// that breaks it (a claim that cannot become a header value is an invalid token, not a
+/// server error), and the identity header is written only with names that pass it.
+pub fn is_valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'))
+}
+
 /// Extracts the token from `Authorization: Bearer <jwt>`. Two `Authorization` headers are a
 /// client bug or an attack (which one would a back end read?), so they are refused outright.
 fn bearer_token(headers: &HeaderMap) -> Result<&str, RequestError> {

@@ -1,4 +1,4 @@
-//! Store: where users, revocations and (later) throttling counters live.
+//! Store: where users, revocations and the login throttle's counters live.
 //!
 //! One type, two backends: Redis for anything shared between replicas, and an embedded map
 //! (`memory://`) for `keycard dev` and single-instance use. This is the only file that knows
@@ -8,8 +8,10 @@
 //! Key layout (all under `store.prefix`, default `keycard:`):
 //! - `<prefix>user:<username>` — string, the argon2id PHC hash; written with `SET NX`.
 //! - `<prefix>revoked:<jti>` — string `1`, expiring when the token would have.
-//! - `<prefix>throttle:user:<username>` and `<prefix>throttle:addr:<ip>` — failed-login
+//! - `<prefix>throttle:user:<username>` and `<prefix>throttle:addr:<ip>` — failed-attempt
 //!   counters (`INCR`), expiring at the end of their window.
+//! - `<prefix>throttle:pending:user:<username>` and `<prefix>throttle:pending:addr:<ip>` —
+//!   attempts in flight, given back when each ends (see [`Subject`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,55 +33,161 @@ pub enum StoreError {
     Timeout(Duration),
 }
 
-/// A login-attempt counter: failed attempts in the current window (plus the one in progress;
-/// successes are taken back) and the time until the window resets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counter {
-    /// Attempts counted in the window, the current one included.
-    pub count: u64,
-    /// Time until the window ends and the count starts again from zero.
-    pub resets_in: Duration,
+/// How long an attempt's reservation lives if keycard dies before releasing it. An attempt
+/// ends far sooner (the hash queue and the store each time out within seconds); this only
+/// bounds what a crash can leave behind.
+const RESERVATION_TTL: Duration = Duration::from_secs(120);
+
+/// How often the embedded store drops expired entries (throttle counters, revocations).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// One throttled subject of an attempt: a client address or a username, with its limit.
+///
+/// Two counters per subject: *failures* (`<prefix>throttle:<kind>:<name>`), which live for
+/// the window, and *attempts in flight* (`<prefix>throttle:pending:<kind>:<name>`). A new
+/// attempt goes ahead only while failures plus attempts in flight stay below the limit, so
+/// N parallel guesses still get exactly `limit` tries; but only a failed password ever
+/// becomes a failure, so parallel correct logins never lock anyone out.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    failures: String,
+    pending: String,
+    limit: u64,
+    window: Duration,
+    /// Whether a success forgets this subject's failures (the username's: the real user is
+    /// not locked out by their own typos; never the address's, or one good account would
+    /// reset a password spray's counter).
+    clear_on_success: bool,
 }
 
-/// Everything `/login` reads, fetched in one round trip.
-#[derive(Debug, Default)]
-pub struct LoginState {
-    /// The user's PHC hash, if the user exists.
-    pub hash: Option<String>,
-    /// Attempts for this username.
-    pub user: Counter,
-    /// Attempts from this client address.
-    pub address: Counter,
+/// What the throttle says about a new attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The attempt is reserved and may go ahead; end it with [`Reservation::end`].
+    Go {
+        /// The user's PHC hash, read in the same round trip (logins only; `None` when the
+        /// user does not exist or no user was asked for).
+        hash: Option<String>,
+        /// The attempt's place under every subject's limit.
+        reservation: Reservation,
+    },
+    /// Too many failures in the window; nothing was counted.
+    Throttled {
+        /// Until the later of the exhausted windows ends.
+        retry_after: Duration,
+    },
+    /// Failures plus attempts in flight reach a limit; nothing was counted. Clears by itself
+    /// as the attempts in flight end.
+    Busy,
 }
 
-/// One login attempt, atomically: counts it against the username and the address (starting a
-/// window's expiry on a counter's first use) and returns the user's hash with both counts and
-/// their remaining windows. Counting *before* the password is checked is what makes the limit
-/// exact: of N parallel guesses, only those the limit allows ever reach argon2.
-/// KEYS: user, user counter, address counter. ARGV: user window ms, address window ms.
-const ATTEMPT_SCRIPT: &str = r"
-local out = { redis.call('GET', KEYS[1]) or false }
-for i = 2, 3 do
-  local n = redis.call('INCR', KEYS[i])
-  if redis.call('PTTL', KEYS[i]) < 0 then
-    redis.call('PEXPIRE', KEYS[i], ARGV[i - 1])
+/// An attempt's reservation under its subjects' limits. End it with [`Reservation::end`];
+/// dropped unended (the client went away, a later step failed) it is given back in the
+/// background, so an abandoned request never holds a user's or an address's place.
+#[derive(Debug)]
+pub struct Reservation {
+    store: Store,
+    subjects: Vec<Subject>,
+    ended: bool,
+}
+
+impl Reservation {
+    /// Records how the attempt ended: a failure is counted against every subject, a success
+    /// counts nothing (and clears the username's failures).
+    pub async fn end(mut self, outcome: Outcome) -> Result<(), StoreError> {
+        self.ended = true;
+        self.store.end_attempt(&self.subjects, outcome).await
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let store = self.store.clone();
+        let subjects = std::mem::take(&mut self.subjects);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = store.end_attempt(&subjects, Outcome::Abandoned).await {
+                    tracing::warn!(%error, "could not give back an abandoned login reservation");
+                }
+            });
+        }
+    }
+}
+
+/// Begins an attempt, atomically. KEYS: per subject a (failures, pending) pair, then
+/// optionally the user key whose value (the hash) is returned. ARGV: per subject its limit
+/// (0 = no limit), then the reservation TTL in ms. Counts nothing unless every subject has
+/// room. Returns { verdict (0 go, 1 throttled, 2 busy), retry-after ms, hash or false }.
+const BEGIN_SCRIPT: &str = r"
+local subjects = #ARGV - 1
+local throttled_ms, busy = -1, false
+for i = 1, subjects do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 then
+    local failed = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+    local pending = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+    if failed >= limit then
+      throttled_ms = math.max(throttled_ms, redis.call('PTTL', KEYS[2 * i - 1]))
+    elseif failed + math.max(pending, 0) >= limit then
+      busy = true
+    end
   end
-  out[#out + 1] = n
-  out[#out + 1] = redis.call('PTTL', KEYS[i])
 end
-return out
+if throttled_ms >= 0 then return { 1, throttled_ms, false } end
+if busy then return { 2, 0, false } end
+for i = 1, subjects do
+  redis.call('INCR', KEYS[2 * i])
+  redis.call('PEXPIRE', KEYS[2 * i], ARGV[subjects + 1])
+end
+local hash = false
+if #KEYS > 2 * subjects then hash = redis.call('GET', KEYS[#KEYS]) or false end
+return { 0, 0, hash }
 ";
 
-/// A successful login: forgets the username's failures and takes back the address's
-/// reservation (only while its window still runs: a DECR on an expired key would create one
-/// with no expiry). KEYS: user counter, address counter.
-const SUCCESS_SCRIPT: &str = r"
-redis.call('DEL', KEYS[1])
-if redis.call('PTTL', KEYS[2]) > 0 then
-  redis.call('DECR', KEYS[2])
+/// Ends an attempt begun with [`BEGIN_SCRIPT`]. KEYS: the same (failures, pending) pairs.
+/// ARGV: outcome (`fail`, `ok` or `release`), then per subject its window in ms and whether
+/// a success clears its failures (1/0). A failure is counted with the window's expiry set on
+/// first use; a release (the request was abandoned) only gives the reservation back.
+const END_SCRIPT: &str = r"
+local outcome = ARGV[1]
+for i = 1, #KEYS / 2 do
+  local failures, pending = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('DECR', pending) <= 0 then redis.call('DEL', pending) end
+  if outcome == 'fail' then
+    redis.call('INCR', failures)
+    if redis.call('PTTL', failures) < 0 then
+      redis.call('PEXPIRE', failures, ARGV[2 * i])
+    end
+  elseif outcome == 'ok' and ARGV[2 * i + 1] == '1' then
+    redis.call('DEL', failures)
+  end
 end
 return 1
 ";
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The password was right (or the registration succeeded): nothing is counted.
+    Succeeded,
+    /// A wrong password, or a registration for a name that exists: one failure per subject.
+    Failed,
+    /// The request was abandoned before it was decided: the reservation is given back.
+    Abandoned,
+}
+
+impl Outcome {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "ok",
+            Outcome::Failed => "fail",
+            Outcome::Abandoned => "release",
+        }
+    }
+}
 
 /// Handle to the configured store; cheap to clone, shared by every request.
 #[derive(Clone)]
@@ -96,43 +204,98 @@ enum Backend {
     Memory(Arc<Mutex<MemoryMap>>),
 }
 
-/// The embedded backend: values with optional deadlines, swept lazily on access.
+/// The embedded backend: values with optional deadlines. Expired entries read as missing
+/// and are dropped every [`SWEEP_EVERY`] by a background task, so counters a flood of
+/// addresses or names creates do not pile up.
 #[derive(Default)]
 struct MemoryMap {
     entries: HashMap<String, (String, Option<Instant>)>,
-    /// Writes since the last sweep of expired entries; sweeping every N writes keeps memory
-    /// bounded without a background task.
-    writes: usize,
 }
 
 impl MemoryMap {
-    fn counter(&self, key: &str, now: Instant) -> Counter {
-        match self.entries.get(key) {
-            Some((value, Some(deadline))) if *deadline > now => Counter {
-                count: value.parse().unwrap_or(0),
-                resets_in: *deadline - now,
-            },
-            _ => Counter::default(),
-        }
-    }
-
-    /// `INCR` plus an expiry on first use, like [`ATTEMPT_SCRIPT`]; returns the new count.
-    fn bump(&mut self, key: &str, window: Duration) {
-        let now = Instant::now();
-        let Counter { count, resets_in } = self.counter(key, now);
-        let deadline = if count == 0 {
-            now + window
-        } else {
-            now + resets_in
-        };
-        self.entries
-            .insert(key.to_owned(), ((count + 1).to_string(), Some(deadline)));
-    }
-
     fn live(&self, key: &str, now: Instant) -> Option<&String> {
         match self.entries.get(key) {
             Some((value, deadline)) if deadline.is_none_or(|d| d > now) => Some(value),
             _ => None,
+        }
+    }
+
+    fn count(&self, key: &str, now: Instant) -> i64 {
+        self.live(key, now)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Time until `key` expires (zero when missing or without expiry).
+    fn ttl(&self, key: &str, now: Instant) -> Duration {
+        match self.entries.get(key) {
+            Some((_, Some(deadline))) => deadline.saturating_duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Adds `by` to a live counter (a missing one starts at 0), keeping its deadline unless
+    /// `deadline` replaces it; a counter that falls to 0 or below is removed.
+    fn add(&mut self, key: &str, by: i64, deadline: Option<Instant>, now: Instant) {
+        let count = self.count(key, now) + by;
+        if count <= 0 {
+            self.entries.remove(key);
+            return;
+        }
+        let kept = match self.entries.get(key) {
+            Some((_, d)) if self.live(key, now).is_some() => *d,
+            _ => None,
+        };
+        self.entries
+            .insert(key.to_owned(), (count.to_string(), deadline.or(kept)));
+    }
+
+    /// [`BEGIN_SCRIPT`], for the embedded store.
+    fn begin(
+        &mut self,
+        subjects: &[Subject],
+        user_key: Option<&str>,
+    ) -> (u8, Duration, Option<String>) {
+        let now = Instant::now();
+        let mut throttled: Option<Duration> = None;
+        let mut busy = false;
+        for s in subjects.iter().filter(|s| s.limit > 0) {
+            let limit = i64::try_from(s.limit).unwrap_or(i64::MAX);
+            let failed = self.count(&s.failures, now);
+            if failed >= limit {
+                throttled = throttled.max(Some(self.ttl(&s.failures, now)));
+            } else if failed + self.count(&s.pending, now).max(0) >= limit {
+                busy = true;
+            }
+        }
+        if let Some(retry_after) = throttled {
+            return (1, retry_after, None);
+        }
+        if busy {
+            return (2, Duration::ZERO, None);
+        }
+        for s in subjects {
+            self.add(&s.pending, 1, Some(now + RESERVATION_TTL), now);
+        }
+        let hash = user_key.and_then(|k| self.live(k, now).cloned());
+        (0, Duration::ZERO, hash)
+    }
+
+    /// [`END_SCRIPT`], for the embedded store.
+    fn end(&mut self, subjects: &[Subject], outcome: Outcome) {
+        let now = Instant::now();
+        for s in subjects {
+            self.add(&s.pending, -1, None, now);
+            match outcome {
+                Outcome::Failed => {
+                    let fresh = self.live(&s.failures, now).is_none();
+                    self.add(&s.failures, 1, fresh.then(|| now + s.window), now);
+                }
+                Outcome::Succeeded if s.clear_on_success => {
+                    self.entries.remove(&s.failures);
+                }
+                _ => {}
+            }
         }
     }
 
@@ -142,16 +305,36 @@ impl MemoryMap {
         if self.live(key, now).is_some() {
             return false;
         }
-        self.writes += 1;
-        if self.writes >= 1024 {
-            self.writes = 0;
-            self.entries
-                .retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
-        }
         self.entries
             .insert(key.to_owned(), (value.to_owned(), ttl.map(|t| now + t)));
         true
     }
+
+    /// Drops every expired entry.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.entries
+            .retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
+    }
+}
+
+/// Sweeps the embedded store every `every` for as long as the store exists (the task holds
+/// only a weak reference). Without a runtime (a unit test building a store by hand) nothing
+/// is spawned; reads still treat expired entries as missing.
+fn spawn_sweeper(map: &Arc<Mutex<MemoryMap>>, every: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let map = Arc::downgrade(map);
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let Some(map) = map.upgrade() else { return };
+            lock(&map).sweep();
+        }
+    });
 }
 
 impl std::fmt::Debug for Store {
@@ -177,7 +360,9 @@ impl Store {
                     "store is memory://: users and revocations live in this process only and are \
                      not shared with other replicas"
                 );
-                Backend::Memory(Arc::default())
+                let map = Arc::default();
+                spawn_sweeper(&map, SWEEP_EVERY);
+                Backend::Memory(map)
             }
             StoreUrl::Redis(url) => {
                 let client = redis::Client::open(url.as_str())?;
@@ -266,78 +451,88 @@ impl Store {
         }
     }
 
-    /// Counts a login attempt against the username and the address and returns the user's
-    /// hash with both counts (this attempt included), in one atomic round trip. See
-    /// [`ATTEMPT_SCRIPT`] for why the attempt is counted before the password is checked.
-    pub async fn login_attempt(
+    /// A throttle subject: `kind` is `user` or `addr`.
+    pub fn subject(
         &self,
-        username: &str,
-        address: &str,
-        user_window: Duration,
-        address_window: Duration,
-    ) -> Result<LoginState, StoreError> {
-        let user_key = self.key("user:", username);
-        let user_failures = self.key("throttle:user:", username);
-        let address_failures = self.key("throttle:addr:", address);
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let cmd = eval(
-                    ATTEMPT_SCRIPT,
-                    &[&user_key, &user_failures, &address_failures],
-                    &[millis(user_window), millis(address_window)],
-                );
-                let (hash, user_count, user_ttl, address_count, address_ttl): (
-                    Option<String>,
-                    u64,
-                    i64,
-                    u64,
-                    i64,
-                ) = self.query(conn, &cmd).await?;
-                let counter = |count: u64, ttl: i64| Counter {
-                    count,
-                    resets_in: Duration::from_millis(ttl.max(0) as u64),
-                };
-                Ok(LoginState {
-                    hash,
-                    user: counter(user_count, user_ttl),
-                    address: counter(address_count, address_ttl),
-                })
-            }
-            Backend::Memory(map) => {
-                let mut map = lock(map);
-                let now = Instant::now();
-                map.bump(&user_failures, user_window);
-                map.bump(&address_failures, address_window);
-                Ok(LoginState {
-                    hash: map.live(&user_key, now).cloned(),
-                    user: map.counter(&user_failures, now),
-                    address: map.counter(&address_failures, now),
-                })
-            }
+        kind: &str,
+        name: &str,
+        limit: u64,
+        window: Duration,
+        clear_on_success: bool,
+    ) -> Subject {
+        let failures = self.key(&format!("throttle:{kind}:"), name);
+        let pending = self.key(&format!("throttle:pending:{kind}:"), name);
+        Subject {
+            failures,
+            pending,
+            limit,
+            window,
+            clear_on_success,
         }
     }
 
-    /// A login succeeded: the username's failures are forgotten (the real user is not locked
-    /// out by their own earlier typos) and the address gets its attempt back, so many users
-    /// behind one NAT are not throttled for logging in.
-    pub async fn login_succeeded(&self, username: &str, address: &str) -> Result<(), StoreError> {
-        let user_failures = self.key("throttle:user:", username);
-        let address_failures = self.key("throttle:addr:", address);
+    /// Begins an attempt against `subjects` (address first), atomically and in one round
+    /// trip, and reads `user`'s hash with it when asked. Nothing is counted unless every
+    /// subject has room; see [`Subject`] for the rule.
+    pub async fn begin_attempt(
+        &self,
+        subjects: Vec<Subject>,
+        user: Option<&str>,
+    ) -> Result<Attempt, StoreError> {
+        let user_key = user.map(|u| self.key("user:", u));
+        let (verdict, retry_after, hash) = match &self.backend {
+            Backend::Redis(conn) => {
+                let mut keys: Vec<&str> = Vec::with_capacity(subjects.len() * 2 + 1);
+                let mut args: Vec<u64> = Vec::with_capacity(subjects.len() + 1);
+                for s in &subjects {
+                    keys.push(&s.failures);
+                    keys.push(&s.pending);
+                    args.push(s.limit);
+                }
+                keys.extend(user_key.as_deref());
+                args.push(millis(RESERVATION_TTL));
+                let cmd = eval(BEGIN_SCRIPT, &keys, &args);
+                let (verdict, ttl, hash): (u8, i64, Option<String>) =
+                    self.query(conn, &cmd).await?;
+                (verdict, Duration::from_millis(ttl.max(0) as u64), hash)
+            }
+            Backend::Memory(map) => lock(map).begin(&subjects, user_key.as_deref()),
+        };
+        Ok(match verdict {
+            0 => Attempt::Go {
+                hash,
+                reservation: Reservation {
+                    store: self.clone(),
+                    subjects,
+                    ended: false,
+                },
+            },
+            1 => Attempt::Throttled { retry_after },
+            _ => Attempt::Busy,
+        })
+    }
+
+    /// Ends an attempt (see [`END_SCRIPT`]).
+    async fn end_attempt(&self, subjects: &[Subject], outcome: Outcome) -> Result<(), StoreError> {
+        if subjects.is_empty() {
+            return Ok(());
+        }
         match &self.backend {
             Backend::Redis(conn) => {
-                let cmd = eval(SUCCESS_SCRIPT, &[&user_failures, &address_failures], &[]);
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(END_SCRIPT).arg(subjects.len() * 2);
+                for s in subjects {
+                    cmd.arg(&s.failures).arg(&s.pending);
+                }
+                cmd.arg(outcome.as_arg());
+                for s in subjects {
+                    cmd.arg(millis(s.window)).arg(u8::from(s.clear_on_success));
+                }
                 let _: i64 = self.query(conn, &cmd).await?;
                 Ok(())
             }
             Backend::Memory(map) => {
-                let mut map = lock(map);
-                map.entries.remove(&user_failures);
-                if let Some((value, Some(deadline))) = map.entries.get_mut(&address_failures)
-                    && *deadline > Instant::now()
-                {
-                    let count = value.parse::<u64>().unwrap_or(1).saturating_sub(1);
-                    *value = count.to_string();
-                }
+                lock(map).end(subjects, outcome);
                 Ok(())
             }
         }
@@ -388,46 +583,89 @@ mod tests {
         .unwrap()
     }
 
+    fn subjects(store: &Store, user: &str, address: &str, limit: u64, w: Duration) -> Vec<Subject> {
+        vec![
+            store.subject("addr", address, limit * 10, w, false),
+            store.subject("user", user, limit, w, true),
+        ]
+    }
+
+    async fn attempt(store: &Store, user: &str, address: &str, limit: u64, w: Duration) -> Attempt {
+        store
+            .begin_attempt(subjects(store, user, address, limit, w), Some(user))
+            .await
+            .unwrap()
+    }
+
+    fn go(attempt: Attempt) -> (Option<String>, Reservation) {
+        match attempt {
+            Attempt::Go { hash, reservation } => (hash, reservation),
+            other => panic!("expected Go, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn memory_create_user_is_first_writer_wins() {
         let store = memory();
         assert!(store.create_user("alice", "h1").await.unwrap());
         assert!(!store.create_user("alice", "h2").await.unwrap());
         let w = Duration::from_secs(60);
-        let alice = store.login_attempt("alice", "a", w, w).await.unwrap();
-        assert_eq!(alice.hash.as_deref(), Some("h1"));
-        let bob = store.login_attempt("bob", "a", w, w).await.unwrap();
-        assert_eq!(bob.hash, None);
+        let (hash, r) = go(attempt(&store, "alice", "a", 5, w).await);
+        assert_eq!(hash.as_deref(), Some("h1"));
+        r.end(Outcome::Succeeded).await.unwrap();
+        let (hash, r) = go(attempt(&store, "bob", "a", 5, w).await);
+        assert_eq!(hash, None);
+        r.end(Outcome::Failed).await.unwrap();
     }
 
     #[tokio::test]
-    async fn memory_login_attempts_are_counted_before_the_check() {
+    async fn memory_failures_throttle_and_in_flight_attempts_only_make_busy() {
         let store = memory();
-        let w = Duration::from_millis(60);
-        store.create_user("alice", "h").await.unwrap();
-        store
-            .login_attempt("alice", "10.0.0.1", w, w)
-            .await
-            .unwrap();
-        let state = store
-            .login_attempt("alice", "10.0.0.2", w, w)
-            .await
-            .unwrap();
-        assert_eq!(state.hash.as_deref(), Some("h"));
-        assert_eq!(state.user.count, 2, "this attempt is included");
-        assert_eq!(state.address.count, 1);
-        assert!(state.user.resets_in <= w && state.user.resets_in > Duration::ZERO);
-        // Success forgets the user's failures and gives the address its attempt back.
-        store.login_succeeded("alice", "10.0.0.2").await.unwrap();
-        let state = store
-            .login_attempt("alice", "10.0.0.2", w, w)
-            .await
-            .unwrap();
-        assert_eq!((state.user.count, state.address.count), (1, 1));
-        tokio::time::sleep(w + Duration::from_millis(10)).await;
-        let state = store.login_attempt("bob", "10.0.0.1", w, w).await.unwrap();
-        assert_eq!(state.address.count, 1, "a new window");
-        assert_eq!(state.hash, None);
+        let w = Duration::from_millis(200);
+        // Two in flight with a limit of 2: a third is Busy, and counting nothing.
+        let (_, a) = go(attempt(&store, "alice", "ip", 2, w).await);
+        let (_, b) = go(attempt(&store, "alice", "ip", 2, w).await);
+        assert!(matches!(
+            attempt(&store, "alice", "ip", 2, w).await,
+            Attempt::Busy
+        ));
+        // Both succeed: nothing is left behind, the next attempt goes ahead.
+        a.end(Outcome::Succeeded).await.unwrap();
+        b.end(Outcome::Succeeded).await.unwrap();
+        let (_, c) = go(attempt(&store, "alice", "ip", 2, w).await);
+        c.end(Outcome::Failed).await.unwrap();
+        let (_, d) = go(attempt(&store, "alice", "ip", 2, w).await);
+        d.end(Outcome::Failed).await.unwrap();
+        match attempt(&store, "alice", "ip", 2, w).await {
+            Attempt::Throttled { retry_after } => assert!(retry_after <= w),
+            other => panic!("expected Throttled, got {other:?}"),
+        }
+        // A dropped reservation is given back in the background.
+        let (_, e) = go(attempt(&store, "bob", "ip", 2, w).await);
+        let (_, f) = go(attempt(&store, "bob", "ip", 2, w).await);
+        drop((e, f));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (_, g) = go(attempt(&store, "bob", "ip", 2, w).await);
+        g.end(Outcome::Succeeded).await.unwrap();
+        tokio::time::sleep(w + Duration::from_millis(20)).await;
+        go(attempt(&store, "alice", "ip", 2, w).await);
+    }
+
+    #[tokio::test]
+    async fn memory_store_sweeps_expired_entries_on_a_schedule() {
+        let store = memory();
+        let Backend::Memory(map) = &store.backend else {
+            unreachable!()
+        };
+        spawn_sweeper(map, Duration::from_millis(50));
+        let w = Duration::from_millis(30);
+        for i in 0..200 {
+            let (_, r) = go(attempt(&store, &format!("u{i}"), "ip", 100, w).await);
+            r.end(Outcome::Failed).await.unwrap();
+        }
+        assert!(lock(map).entries.len() >= 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(lock(map).entries.len(), 0, "expired counters are swept");
     }
 
     #[tokio::test]

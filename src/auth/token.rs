@@ -255,6 +255,12 @@ impl Tokens {
             return Err(TokenError::Invalid("Missing claim"));
         };
 
+        // The subject becomes the identity header: a name that could not be one (CR, LF, NUL,
+        // too long) is a token we refuse, not a request we fail on later.
+        if !super::is_valid_username(&sub) {
+            return Err(TokenError::Invalid("Invalid subject"));
+        }
+
         let now = now_secs().ok_or(TokenError::Invalid("Invalid token"))?;
         // jsonwebtoken still accepts a token during the second `exp` itself; RFC 7519 §4.1.4
         // says the current time must be *before* `exp`.

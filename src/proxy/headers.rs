@@ -39,12 +39,44 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Real-IP`: nginx's single-address variant, removed from untrusted clients.
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Request-Id`: the gateway's request id (see [`crate::gateway`]); a `Connection` option
+/// must not be able to remove it before it reaches the upstream.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `HTTP2-Settings` (RFC 7540 §3.2.1; RFC 9113 dropped the h2c upgrade): a connection-specific
+/// field that only means something together with `Upgrade: h2c`, which is never forwarded.
+pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Headers that describe the client or the URL it asked for and that only a proxy in
+/// `server.trusted_proxies` may set; from anyone else they are removed.
+///
+/// Why: back ends and frameworks believe them. The `X-Forwarded-*` family and `Forwarded`
+/// (RFC 7239) carry the client address, scheme, host, port and path prefix; `X-Real-IP`,
+/// `X-Client-IP` and `True-Client-IP` are the single-address variants of nginx, Apache and
+/// Akamai/Cloudflare; `X-Original-URL` and `X-Rewrite-URL` are read as the *real* request
+/// path by IIS URL Rewrite and older Symfony and Zend, so a public request could name a
+/// protected path in them.
+pub const CLIENT_DESCRIBING: [HeaderName; 13] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    FORWARDED,
+    X_REAL_IP,
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
 
 /// The fixed hop-by-hop list: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`,
 /// `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`; `Trailer` (§6.6.2) describes this
 /// hop's framing; `Proxy-Authenticate`/`Proxy-Authorization` (§11.7) are addressed to the
-/// proxy, never the origin.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// proxy, never the origin; `HTTP2-Settings` belongs to an h2c upgrade of this hop only
+/// (RFC 7540 §3.2.1) and is removed whether or not `Connection` names it.
+const HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -54,6 +86,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
+    HTTP2_SETTINGS,
 ];
 
 /// End-to-end headers that a `Connection` option is not allowed to remove.
@@ -63,8 +96,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// ("hop-by-hop header abuse"): `Connection: X-Forwarded-For` sent through a trusted front
 /// proxy that forwards `Connection` would delete the client address that proxy added, and
 /// the upstream would take the proxy's own address as the client's. `Host` is kept because
-/// `X-Forwarded-Host` is derived from it, `Content-Length` because it is message framing.
-const NOT_NOMINATABLE: [HeaderName; 7] = [
+/// `X-Forwarded-Host` is derived from it, `Content-Length` because it is message framing,
+/// `X-Request-Id` because it ties the upstream's logs to ours.
+const NOT_NOMINATABLE: [HeaderName; 8] = [
     HOST,
     CONTENT_LENGTH,
     X_FORWARDED_FOR,
@@ -72,6 +106,7 @@ const NOT_NOMINATABLE: [HeaderName; 7] = [
     X_FORWARDED_HOST,
     FORWARDED,
     X_REAL_IP,
+    X_REQUEST_ID,
 ];
 
 /// Removes hop-by-hop headers from a request or response about to be forwarded.
@@ -84,8 +119,8 @@ const NOT_NOMINATABLE: [HeaderName; 7] = [
 /// `Connection` options are comma-separated, case-insensitive and may carry optional
 /// whitespace; every `Connection` header line counts. Options that are not valid header
 /// names are ignored. Options naming an end-to-end header the gateway relies on (see
-/// `NOT_NOMINATABLE`: `Host`, `Content-Length`, `X-Forwarded-*`, `Forwarded`, `X-Real-IP`)
-/// are deliberately ignored too, as nginx and HAProxy effectively do.
+/// `NOT_NOMINATABLE`: `Host`, `Content-Length`, `X-Forwarded-*`, `Forwarded`, `X-Real-IP`,
+/// `X-Request-Id`) are deliberately ignored too, as nginx and HAProxy effectively do.
 ///
 /// Allocates only when a `Connection` header names something.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -204,11 +239,7 @@ impl IdentityHeaders {
     /// (`A-Z a-z 0-9 . _ @ -`, 1–64 characters) so that nothing but a plain user name can
     /// ever be presented to the upstream as an identity, whatever ended up in a token.
     pub fn inject(&self, headers: &mut HeaderMap, user: &str) -> Result<(), InvalidIdentity> {
-        let valid = (1..=64).contains(&user.len())
-            && user
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
-        if !valid {
+        if !crate::auth::is_valid_username(user) {
             return Err(InvalidIdentity);
         }
         let value = HeaderValue::from_str(user).map_err(|_| InvalidIdentity)?;
@@ -274,14 +305,13 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
 /// way, and it must never see forged ones (they drive IP allow-lists, rate limits, redirects
 /// and absolute URLs).
 ///
-/// - Untrusted peer: the client's `X-Forwarded-For`, `X-Forwarded-Proto`,
-///   `X-Forwarded-Host`, `Forwarded` and `X-Real-IP` are removed; then
+/// - Untrusted peer: every header in [`CLIENT_DESCRIBING`] is removed; then
 ///   `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: <proto>` and, if the request has a
 ///   `Host`, `X-Forwarded-Host: <Host>` are set.
 /// - Trusted peer: every received `X-Forwarded-For` line is joined into one comma-separated
 ///   chain and `, <peer>` is appended (the de-facto convention: each proxy appends the
-///   address it received the request from). The proxy's `X-Forwarded-Proto`,
-///   `X-Forwarded-Host`, `Forwarded` and `X-Real-IP` are kept; missing ones are set as above.
+///   address it received the request from). The proxy's other [`CLIENT_DESCRIBING`]
+///   headers are kept; missing `-Proto` and `-Host` are set as above.
 ///
 /// The peer is written plainly (`10.0.0.1`, `::1`); an IPv4-mapped IPv6 peer is written as
 /// IPv4. A `proto` that is not a valid header value is not written (fail closed: the
@@ -289,13 +319,7 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &str) {
     let peer = canonical_ip(peer).to_string();
     if !trusted {
-        for name in [
-            X_FORWARDED_FOR,
-            X_FORWARDED_PROTO,
-            X_FORWARDED_HOST,
-            FORWARDED,
-            X_REAL_IP,
-        ] {
+        for name in &CLIENT_DESCRIBING {
             headers.remove(name);
         }
     }
