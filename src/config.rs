@@ -59,6 +59,20 @@ pub struct ServerConfig {
     /// `server.upgrade_recheck` (default 10s): how often an upgraded (WebSocket) connection's
     /// token is checked again for revocation; it is also closed the moment the token expires.
     pub upgrade_recheck: Duration,
+    /// `server.upgrade_protocols` (default `["websocket"]`, lowercased): the only `Upgrade`
+    /// protocols tunnelled. Any other is dropped and the request served as plain HTTP/1.1;
+    /// `h2c` is refused in the config, since a tunnelled h2c connection would carry requests
+    /// past every route and identity rule.
+    pub upgrade_protocols: Vec<String>,
+    /// `server.body_read_timeout` (default 10s): an auth endpoint's whole body must arrive
+    /// within this, else 408 and the connection is closed.
+    pub body_read_timeout: Duration,
+    /// `server.body_idle_timeout` (default 30s): a proxied request body that makes no
+    /// progress for this long is cut and the connection closed.
+    pub body_idle_timeout: Duration,
+    /// `server.h2_idle_timeout` (default 60s): an HTTP/2 connection with no open stream for
+    /// this long gets GOAWAY; keep-alive pings every half of it find dead peers.
+    pub h2_idle_timeout: Duration,
 }
 
 /// `[admin]`.
@@ -421,6 +435,10 @@ const SERVER_KEYS: &[&str] = &[
     "max_target_bytes",
     "max_auth_body_bytes",
     "upgrade_recheck",
+    "upgrade_protocols",
+    "body_read_timeout",
+    "body_idle_timeout",
+    "h2_idle_timeout",
 ];
 const ADMIN_KEYS: &[&str] = &["listen"];
 const STORE_KEYS: &[&str] = &["url", "prefix", "timeout"];
@@ -915,6 +933,12 @@ impl Ctx<'_> {
         let max_auth_body_bytes =
             self.integer(&sec, "max_auth_body_bytes", 16 * 1024, 256, 1 << 20) as usize;
         let upgrade_recheck = self.duration(&sec, "upgrade_recheck", Duration::from_secs(10), true);
+        let upgrade_protocols = self.upgrade_protocols(&sec);
+        let body_read_timeout =
+            self.duration(&sec, "body_read_timeout", Duration::from_secs(10), true);
+        let body_idle_timeout =
+            self.duration(&sec, "body_idle_timeout", Duration::from_secs(30), true);
+        let h2_idle_timeout = self.duration(&sec, "h2_idle_timeout", Duration::from_secs(60), true);
         ServerConfig {
             listen,
             trusted_proxies,
@@ -925,7 +949,68 @@ impl Ctx<'_> {
             max_target_bytes,
             max_auth_body_bytes,
             upgrade_recheck,
+            upgrade_protocols,
+            body_read_timeout,
+            body_idle_timeout,
+            h2_idle_timeout,
         }
+    }
+
+    /// `server.upgrade_protocols`: an array of protocol tokens (RFC 9110 §7.8), lowercased.
+    /// `h2c` is an error: tunnelling it would hand the client a raw HTTP/2 connection to the
+    /// upstream, past every route and identity rule.
+    fn upgrade_protocols(&mut self, sec: &Section<'_, '_>) -> Vec<String> {
+        let Some(v) = self.lookup(sec, "upgrade_protocols", false) else {
+            return vec!["websocket".to_owned()];
+        };
+        let key = sec.key("upgrade_protocols");
+        let DeValue::Array(items) = v.get_ref() else {
+            let found = v.get_ref().type_str();
+            self.error(
+                key,
+                Some(v.span()),
+                format!(
+                    "expected an array of protocol names such as [\"websocket\"], found {found}"
+                ),
+            );
+            return Vec::new();
+        };
+        let mut protocols = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_key = format!("{key}[{i}]");
+            let name = match item.get_ref() {
+                DeValue::String(name) => name.to_ascii_lowercase(),
+                other => {
+                    let found = other.type_str();
+                    self.error(
+                        item_key,
+                        Some(item.span()),
+                        format!("expected a string, found {found}"),
+                    );
+                    continue;
+                }
+            };
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if !token {
+                self.error(
+                    item_key,
+                    Some(item.span()),
+                    format!("{name:?} is not a protocol token"),
+                );
+            } else if name == "h2c" || name.starts_with("h2c/") {
+                self.error(
+                    item_key,
+                    Some(item.span()),
+                    "h2c is never tunnelled: an upgraded HTTP/2 connection would bypass every route and identity rule".to_owned(),
+                );
+            } else {
+                protocols.push(name);
+            }
+        }
+        protocols
     }
 
     fn admin(&mut self, root: &DeTable<'_>) -> AdminConfig {
@@ -1607,6 +1692,10 @@ upstream = "http://127.0.0.1:3000"
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.server.upgrade_protocols, ["websocket"]);
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.h2_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.store.url, StoreUrl::Memory);
         assert_eq!(c.store.prefix, "keycard:");
         assert_eq!(c.store.timeout, Duration::from_secs(2));
@@ -1982,6 +2071,39 @@ timeout = "2m"
         assert_eq!(
             keys,
             ["server.trusted_proxies[1]", "server.trusted_proxies[2]"]
+        );
+    }
+
+    #[test]
+    fn upgrade_protocols_are_tokens_lowercased_and_never_h2c() {
+        let with = |list: &str| {
+            minimal_with(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\nupgrade_protocols = {list}"),
+            )
+        };
+        let c = parse(&with("[\"WebSocket\", \"my-proto/2\"]")).unwrap();
+        assert_eq!(c.server.upgrade_protocols, ["websocket", "my-proto/2"]);
+        let c = parse(&with("[]")).unwrap();
+        assert!(
+            c.server.upgrade_protocols.is_empty(),
+            "[] turns upgrades off"
+        );
+        let keys: Vec<String> = errors(&with("[\"websocket\", \"H2C\", \"a b\", 3]"))
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "server.upgrade_protocols[1]",
+                "server.upgrade_protocols[2]",
+                "server.upgrade_protocols[3]"
+            ]
+        );
+        assert_eq!(
+            one_error(&with("\"websocket\"")).key,
+            "server.upgrade_protocols"
         );
     }
 

@@ -56,6 +56,14 @@ pub enum RequestError {
     /// The request headers add up to more than 32 KiB.
     #[error("Request header fields too large")]
     HeadersTooLarge,
+    /// The client did not send its body in time: an auth endpoint's within
+    /// `server.body_read_timeout`, or a proxied one that stalled for `server.body_idle_timeout`.
+    #[error("Request body not received in time")]
+    RequestTimeout,
+    /// The client's body could not be read: malformed framing (a bad chunk-size line, say), or
+    /// the client reset the connection mid-body. The client's fault, never the upstream's.
+    #[error("Malformed request body")]
+    BrokenBody,
     /// An auth endpoint body over the limit.
     #[error("Request body too large")]
     PayloadTooLarge,
@@ -97,7 +105,8 @@ impl RequestError {
             }
             StoreUnavailable(_) | Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             NoRoute => StatusCode::NOT_FOUND,
-            InvalidPath | BadRequest(_) => StatusCode::BAD_REQUEST,
+            InvalidPath | BadRequest(_) | BrokenBody => StatusCode::BAD_REQUEST,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UserExists => StatusCode::CONFLICT,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -109,6 +118,15 @@ impl RequestError {
             GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Whether the connection must close after this answer: the client's body was cut short
+    /// or broken, so whatever it sends next cannot be trusted to start a request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            RequestError::RequestTimeout | RequestError::BrokenBody
+        )
     }
 
     /// The one mapping from an error to what the client sees.

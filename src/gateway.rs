@@ -20,11 +20,11 @@ use crate::auth::token::TokenType;
 use crate::auth::{Auth, SessionWatch};
 use crate::body::Body;
 use crate::config::{AuthMode, Config};
+use crate::connection::Connection;
 use crate::error::RequestError;
-use crate::framing::ConnectionFlags;
 use crate::metrics::Metrics;
 use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
-use crate::proxy::{Caller, Proxy, requested_upgrade};
+use crate::proxy::{Caller, Proxy};
 use crate::routes::{self, Router};
 
 /// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
@@ -88,7 +88,7 @@ impl Gateway {
             identity: IdentityHeaders::new(&config.identity),
             trusted_proxies: config.server.trusted_proxies.clone(),
             auth,
-            proxy: Proxy::new(&config.routes, stop),
+            proxy: Proxy::new(&config.routes, &config.server, stop),
             upgrade_recheck: config.server.upgrade_recheck,
             max_target: config.server.max_target_bytes,
             max_headers: config.server.max_header_bytes,
@@ -110,9 +110,10 @@ impl Gateway {
         // A cheap clone (the URI's bytes are shared) so the path can be logged after the
         // request has been handed on.
         let uri = request.uri().clone();
-        let flags = request.extensions().get::<Arc<ConnectionFlags>>().cloned();
+        let connection = request.extensions().get::<Arc<Connection>>().cloned();
         let http1 = request.version() < Version::HTTP_2;
 
+        let mut close = false;
         let mut response = match self.dispatch(request, peer, &mut outcome).await {
             Ok(response) => response,
             Err(error) => {
@@ -121,16 +122,21 @@ impl Gateway {
                 }
                 if error.status().is_server_error() {
                     tracing::warn!(request_id = ?id, error = %error_chain(&error), "request failed");
+                } else if error.closes_connection() {
+                    tracing::debug!(request_id = ?id, error = %error_chain(&error), "client error");
                 }
+                close = error.closes_connection();
                 error.into_response()
             }
         };
         response
             .headers_mut()
             .insert(REQUEST_ID.clone(), id.clone());
-        // The framing guard lost track of this connection: end it after this response, so no
-        // request hidden behind this one is ever parsed.
-        if http1 && flags.is_some_and(|f| f.must_close()) {
+        // The client's body was cut short or broken, or the framing guard lost track of this
+        // connection: end it after this response, so nothing after it is parsed as a request.
+        // (HTTP/2 has no such header; there the stream alone ends.)
+        close |= connection.is_some_and(|c| c.flags.must_close());
+        if http1 && close {
             response
                 .headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -191,13 +197,14 @@ impl Gateway {
             outcome.route = label.clone();
         }
         let mut session = None;
+        let upgrade = self.proxy.requested_upgrade(&request);
         let user = match route.auth {
             AuthMode::Required => {
                 let claims = self
                     .auth
                     .authenticate(request.headers(), TokenType::Access)
                     .await?;
-                if requested_upgrade(&request).is_some() {
+                if upgrade.is_some() {
                     session = Some(SessionWatch::new(&self.auth, &claims, self.upgrade_recheck));
                 }
                 outcome.user = Some(claims.sub);
@@ -209,6 +216,7 @@ impl Gateway {
             peer: peer.ip(),
             trusted: is_trusted(peer.ip(), &self.trusted_proxies),
             user,
+            upgrade,
             session,
         };
         self.proxy

@@ -31,6 +31,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod connection;
 pub mod dev;
 pub mod error;
 pub mod framing;

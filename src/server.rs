@@ -13,16 +13,22 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::auth::store::Store;
 use crate::body::Body;
 use crate::config::Config;
+use crate::connection::{Connection, StreamGuard};
 use crate::framing::{ConnectionFlags, Guarded};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -82,6 +88,7 @@ pub async fn run(
         header_read_timeout: config.server.header_read_timeout,
         shutdown_timeout: config.server.shutdown_timeout,
         max_connections: config.server.max_connections,
+        h2_idle_timeout: config.server.h2_idle_timeout,
     };
     tracing::info!(
         listen = %local(&listeners.server),
@@ -129,11 +136,19 @@ struct Limits {
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
     max_connections: usize,
+    h2_idle_timeout: Duration,
 }
 
 /// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c),
 /// then drains. An accept error (out of file descriptors, say) is logged and retried after a
 /// pause: it must never end the loop.
+///
+/// Every connection, and every tunnel one becomes, runs on one [`TaskTracker`] and holds its
+/// slot under `max_connections` until it ends; at shutdown each connection is told to finish
+/// (hyper's graceful shutdown: HTTP/1 closes after the current response, HTTP/2 sends
+/// GOAWAY), tunnels close, and the drain waits for the tracker, bounded by
+/// `shutdown_timeout`. A connection with no open stream for `h2_idle_timeout` is shut down the
+/// same way; HTTP/2 keep-alive pings every half of it find peers that vanished mid-stream.
 async fn serve<F, Fut>(
     listener: TcpListener,
     limits: Limits,
@@ -149,20 +164,23 @@ async fn serve<F, Fut>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_head);
+    let ping_every = limits.h2_idle_timeout / 2;
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(ping_every)
+        .keep_alive_timeout(ping_every.min(Duration::from_secs(20)))
         .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
 
     loop {
         // Past max_connections, stop accepting: new connections wait in the kernel backlog
         // instead of each costing us a task.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
                 Err(_) => break,
             },
             _ = stopped(&mut stop) => break,
@@ -188,29 +206,60 @@ async fn serve<F, Fut>(
             limits.header_read_timeout,
             Arc::clone(&flags),
         );
+        let connection = Arc::new(Connection::new(flags, slot, tracker.clone()));
+        let per_request = Arc::clone(&connection);
         let service = service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(Arc::clone(&flags));
+            let stream = per_request.open_stream();
+            request.extensions_mut().insert(Arc::clone(&per_request));
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(request, peer).await) }
+            async move {
+                let response = handler(request, peer).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    inner: body,
+                    _stream: stream,
+                }))
+            }
         });
-        let connection = builder
+        let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+        let mut stop = stop.clone();
+        let idle_limit = limits.h2_idle_timeout;
+        tracker.spawn(async move {
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(%peer, error = %error, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stopped(&mut stop), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = connection.idle_for(idle_limit), if !closing => {
+                        tracing::debug!(%peer, "closing a connection idle for {idle_limit:?}");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
             }
-            drop(permit);
+            // The slot goes with the last holder: here, or when a tunnel this connection
+            // became ends.
+            drop(connection);
         });
     }
 
     drop(listener);
-    let open = graceful.count();
+    tracker.close();
+    let open = tracker.len();
     if open > 0 {
         tracing::info!(connections = open, "draining connections");
     }
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+    if tokio::time::timeout(limits.shutdown_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -218,5 +267,32 @@ async fn serve<F, Fut>(
             timeout = ?limits.shutdown_timeout,
             "drain timed out; closing remaining connections"
         );
+    }
+}
+
+/// A response body that keeps its stream counted as open (see [`Connection::open_stream`])
+/// until it has been sent or dropped.
+struct Tracked {
+    inner: Body,
+    _stream: StreamGuard,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

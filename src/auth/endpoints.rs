@@ -93,7 +93,8 @@ impl Auth {
         endpoint.allows(request.method())?;
         match endpoint {
             Endpoint::Register => {
-                let creds = read_credentials(request, self.max_body).await?;
+                let creds =
+                    read_credentials(request, self.max_body, self.body_read_timeout).await?;
                 // Throttled per address like /login: a 409 answers "does this name exist?",
                 // so each one counts as a failed attempt.
                 let subjects = vec![self.address_subject(client)];
@@ -114,7 +115,8 @@ impl Auth {
                 Ok((response, Some(creds.username)))
             }
             Endpoint::Login => {
-                let creds = read_credentials(request, self.max_body).await?;
+                let creds =
+                    read_credentials(request, self.max_body, self.body_read_timeout).await?;
                 // The address first: a throttled address counts nothing, not even against
                 // the names it tries, so it can neither fill the store nor lock users out.
                 let subjects = vec![
@@ -254,9 +256,14 @@ fn format(headers: &HeaderMap) -> Result<Format, RequestError> {
     }
 }
 
-/// Reads at most `max` bytes (`server.max_auth_body_bytes`). A declared `Content-Length` over the cap is refused
-/// before a byte is read.
-async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, RequestError> {
+/// Reads at most `max` bytes (`server.max_auth_body_bytes`), all of them within `deadline`
+/// (`server.body_read_timeout`: a client that trickles or stops gets 408 and the connection
+/// closes). A declared `Content-Length` over the cap is refused before a byte is read.
+async fn read_body(
+    request: Request<Incoming>,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, RequestError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -265,10 +272,14 @@ async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Requ
     if declared.is_some_and(|len| len > max as u64) {
         return Err(RequestError::PayloadTooLarge);
     }
-    match Limited::new(request.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(RequestError::PayloadTooLarge),
-        Err(_) => Err(RequestError::BadRequest("Malformed request body".into())),
+    let collect = Limited::new(request.into_body(), max).collect();
+    match tokio::time::timeout(deadline, collect).await {
+        Err(_) => Err(RequestError::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(RequestError::PayloadTooLarge)
+        }
+        Ok(Err(_)) => Err(RequestError::BrokenBody),
     }
 }
 
@@ -276,9 +287,10 @@ async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Requ
 async fn read_credentials(
     request: Request<Incoming>,
     max_body: usize,
+    deadline: Duration,
 ) -> Result<Credentials, RequestError> {
     let format = format(request.headers())?;
-    let bytes = read_body(request, max_body).await?;
+    let bytes = read_body(request, max_body, deadline).await?;
     let (username, password) = match format {
         Format::Json => parse_json(&bytes)?,
         Format::Form => parse_form(&bytes)?,

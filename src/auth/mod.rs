@@ -36,6 +36,8 @@ pub struct Auth {
     pub throttle: ThrottleConfig,
     /// `server.max_auth_body_bytes`: the largest body an auth endpoint reads.
     pub max_body: usize,
+    /// `server.body_read_timeout`: how long an auth endpoint waits for its whole body.
+    pub body_read_timeout: Duration,
 }
 
 impl Auth {
@@ -47,6 +49,7 @@ impl Auth {
             store,
             throttle: config.throttle.clone(),
             max_body: config.server.max_auth_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
         })
     }
 

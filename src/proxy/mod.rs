@@ -6,13 +6,16 @@
 //! whatever the payload size. Header rules live in [`headers`]; this module only decides the
 //! upstream URI, applies them in the one safe order, and maps upstream failures to 502/504.
 //!
-//! `Upgrade` requests (WebSocket) are forwarded with their `Upgrade`/`Connection: upgrade`
-//! pair restored after hop-by-hop removal; when the upstream answers 101 both sides are
-//! spliced together in a tunnel task. On protected routes the tunnel carries a
+//! `Upgrade` requests for a protocol on `server.upgrade_protocols` (default only `websocket`)
+//! are forwarded with their `Upgrade`/`Connection: upgrade` pair restored after hop-by-hop
+//! removal; any other protocol (`h2c` above all) is dropped with the other hop-by-hop headers
+//! and the request goes on as plain HTTP/1.1. A 101 is relayed only when it switches to the
+//! protocol the client asked for; then both sides are spliced together in a tunnel task. On protected routes the tunnel carries a
 //! [`SessionWatch`] and is closed when the token expires or is revoked; every tunnel is closed
 //! at shutdown (hyper's graceful shutdown does not track upgraded connections).
 
 pub mod headers;
+pub mod request_body;
 
 use std::error::Error as _;
 use std::net::IpAddr;
@@ -33,9 +36,10 @@ use tokio::sync::watch;
 use crate::auth::SessionWatch;
 use crate::body::{self, Body};
 use crate::config::RouteConfig;
+use crate::connection::Connection;
 use crate::error::RequestError;
-use crate::framing::ConnectionFlags;
 use headers::IdentityHeaders;
+use request_body::{ClientBody, Fault};
 
 /// Idle upstream connections are closed after this long. Kept below the common upstream
 /// keep-alive timeouts (nginx 75 s, Node 5 s is the outlier) so we rarely reuse a connection
@@ -49,7 +53,11 @@ const POOL_MAX_IDLE_PER_HOST: usize = 256;
 /// share one client and so one connection pool.
 #[derive(Debug)]
 pub struct Proxy {
-    clients: Vec<(Duration, Client<HttpConnector, Incoming>)>,
+    clients: Vec<(Duration, Client<HttpConnector, ClientBody>)>,
+    /// `server.body_idle_timeout`: a request body that stalls this long is cut.
+    body_idle_timeout: Duration,
+    /// `server.upgrade_protocols`, lowercased: the only protocols ever tunnelled.
+    upgrade_protocols: Vec<String>,
     /// Turns true at shutdown; open tunnels close then.
     stop: watch::Receiver<bool>,
 }
@@ -63,15 +71,21 @@ pub struct Caller<'a> {
     pub trusted: bool,
     /// The verified username, on required routes.
     pub user: Option<&'a str>,
+    /// The upgrade to forward, from [`Proxy::requested_upgrade`]; `None` for plain HTTP.
+    pub upgrade: Option<HeaderValue>,
     /// For an upgrade on a protected route: when the session must end.
     pub session: Option<SessionWatch>,
 }
 
 impl Proxy {
-    /// Builds one client per distinct connect timeout among `routes`; tunnels close when
-    /// `stop` turns true.
-    pub fn new(routes: &[RouteConfig], stop: watch::Receiver<bool>) -> Proxy {
-        let mut clients: Vec<(Duration, Client<HttpConnector, Incoming>)> = Vec::new();
+    /// Builds one client per distinct connect timeout among `routes`; tunnels only
+    /// `upgrade_protocols` and closes them when `stop` turns true.
+    pub fn new(
+        routes: &[RouteConfig],
+        server: &crate::config::ServerConfig,
+        stop: watch::Receiver<bool>,
+    ) -> Proxy {
+        let mut clients: Vec<(Duration, Client<HttpConnector, ClientBody>)> = Vec::new();
         for route in routes {
             if clients.iter().any(|(t, _)| *t == route.connect_timeout) {
                 continue;
@@ -86,7 +100,60 @@ impl Proxy {
                 .build(connector);
             clients.push((route.connect_timeout, client));
         }
-        Proxy { clients, stop }
+        Proxy {
+            clients,
+            body_idle_timeout: server.body_idle_timeout,
+            upgrade_protocols: server.upgrade_protocols.clone(),
+            stop,
+        }
+    }
+
+    /// The upgrade a request asks for and keycard will tunnel: an HTTP/1.1 request with an
+    /// `upgrade` token in `Connection` (RFC 9110 §7.8), and of the protocols its `Upgrade`
+    /// offers those on `server.upgrade_protocols`. `None` means the request is served as plain
+    /// HTTP/1.1 (its `Upgrade` goes with the other hop-by-hop headers). HTTP/2 has no such
+    /// mechanism.
+    pub fn requested_upgrade<B>(&self, request: &Request<B>) -> Option<HeaderValue> {
+        if request.version() != Version::HTTP_11 || self.upgrade_protocols.is_empty() {
+            return None;
+        }
+        let asks = request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        if !asks {
+            return None;
+        }
+        let mut offered = Vec::new();
+        for protocol in request
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+        {
+            if self.is_allowed(protocol) {
+                if !offered.is_empty() {
+                    offered.extend_from_slice(b", ");
+                }
+                offered.extend_from_slice(protocol);
+            }
+        }
+        HeaderValue::from_bytes(&offered)
+            .ok()
+            .filter(|_| !offered.is_empty())
+    }
+
+    /// Whether one `Upgrade` protocol (`name` or `name/version`) is on the allow-list, which
+    /// may name either form.
+    fn is_allowed(&self, protocol: &[u8]) -> bool {
+        let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
+        self.upgrade_protocols.iter().any(|allowed| {
+            allowed.as_bytes().eq_ignore_ascii_case(protocol)
+                || allowed.as_bytes().eq_ignore_ascii_case(name)
+        })
     }
 
     /// Sends `request` (whose path has been canonicalised to `path`) to `route`'s upstream.
@@ -107,40 +174,70 @@ impl Proxy {
 
         keep_client_host(&mut request);
         *request.uri_mut() = upstream_uri(route, path, request.uri())?;
-        let upgrade = requested_upgrade(&request);
+        let upgrade = caller.upgrade.clone();
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
-        let flags = request.extensions_mut().remove::<Arc<ConnectionFlags>>();
+        let connection = request.extensions_mut().remove::<Arc<Connection>>();
         prepare_headers(&mut request, route, identity, &caller)?;
         if let Some(protocol) = &upgrade {
             restore_upgrade(request.headers_mut(), protocol.clone());
         }
         *request.version_mut() = Version::HTTP_11;
+        let (parts, incoming) = request.into_parts();
+        let (body, fault) = ClientBody::new(incoming, self.body_idle_timeout);
+        let request = Request::from_parts(parts, body);
 
-        let mut response = match tokio::time::timeout(route.timeout, client.request(request)).await
-        {
+        let sent = tokio::time::timeout(route.timeout, client.request(request)).await;
+        // A body the client stalled or broke fails the upstream request too: that is the
+        // client's error (408/400, connection closed), not the upstream's.
+        match fault.as_ref().and_then(|f| f.get()) {
+            Some(Fault::Stalled) => return Err(RequestError::RequestTimeout),
+            Some(Fault::Broken) => return Err(RequestError::BrokenBody),
+            None => {}
+        }
+        let mut response = match sent {
             Err(_) => return Err(RequestError::GatewayTimeout),
             Ok(Err(e)) => return Err(classify(e)),
             Ok(Ok(response)) => response,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_side) = client_side else {
+            let (Some(client_side), Some(asked)) = (client_side, &upgrade) else {
                 return Err(RequestError::BadGateway(
                     "upstream switched protocols unasked".into(),
                 ));
             };
+            // Only to a protocol the client asked for (and so one on the allow-list): an
+            // upstream that answers `Upgrade: h2c` to a WebSocket request gets no tunnel.
             let protocol = response.headers().get(header::UPGRADE).cloned();
-            let upstream_side = hyper::upgrade::on(&mut response);
-            // From the 101 on, the client's bytes are the new protocol, not HTTP requests.
-            if let Some(flags) = flags {
-                flags.mark_upgraded();
+            let agreed = protocol.as_ref().is_some_and(|p| {
+                asked.as_bytes().split(|&b| b == b',').any(|a| {
+                    a.trim_ascii()
+                        .eq_ignore_ascii_case(p.as_bytes().trim_ascii())
+                })
+            });
+            if !agreed {
+                return Err(RequestError::BadGateway(format!(
+                    "upstream switched to {protocol:?}, not to the requested {asked:?}"
+                )));
             }
-            tokio::spawn(tunnel(
+            let upstream_side = hyper::upgrade::on(&mut response);
+            let tunnel = tunnel(
                 client_side,
                 upstream_side,
                 caller.session,
                 self.stop.clone(),
-            ));
+            );
+            match connection {
+                // From the 101 on, the client's bytes are the new protocol, not HTTP requests.
+                // The tunnel keeps the connection's slot under max_connections until it ends.
+                Some(connection) => {
+                    connection.flags.mark_upgraded();
+                    connection.spawn_tunnel(tunnel);
+                }
+                None => {
+                    tokio::spawn(tunnel);
+                }
+            }
             let (mut parts, incoming) = response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers);
             if let Some(protocol) = protocol {
@@ -153,25 +250,6 @@ impl Proxy {
         headers::remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body::stream(incoming)))
     }
-}
-
-/// The protocol an HTTP/1.1 request asks to switch to: an `Upgrade` header together with an
-/// `upgrade` token in `Connection` (RFC 9110 §7.8). HTTP/2 has no such mechanism here.
-pub fn requested_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
-    if request.version() != Version::HTTP_11 {
-        return None;
-    }
-    let asks = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if !asks {
-        return None;
-    }
-    request.headers().get(header::UPGRADE).cloned()
 }
 
 /// Puts back the one hop-by-hop pair an upgrade needs, after every other one was removed.

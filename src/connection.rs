@@ -1,0 +1,106 @@
+//! Connection: what one accepted client connection shares with the requests it carries.
+//!
+//! The server creates one [`Connection`] per accepted socket and hands every request on it an
+//! `Arc` of it (in the request's extensions). It holds:
+//! - the connection's slot under `server.max_connections`, released only when the last holder
+//!   lets go, so an upgraded tunnel (which outlives hyper's connection future) keeps counting;
+//! - the task tracker the server drains at shutdown, which tunnels join too;
+//! - the framing guard's flags (see [`crate::framing`]);
+//! - a count of open streams, which bounds how long a connection with none may stay open
+//!   (`server.h2_idle_timeout`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::framing::ConnectionFlags;
+
+/// One accepted client connection, shared by its requests and its tunnel.
+#[derive(Debug)]
+pub struct Connection {
+    /// Shared with the framing guard wrapping this connection's socket.
+    pub flags: Arc<ConnectionFlags>,
+    /// The connection's place under `server.max_connections`: freed when this value drops,
+    /// that is after hyper's connection future *and* any tunnel it became have ended.
+    _slot: OwnedSemaphorePermit,
+    /// The server's tracker: shutdown waits for everything spawned on it.
+    tracker: TaskTracker,
+    /// Requests (streams) whose response has not been fully sent or dropped.
+    open_streams: AtomicUsize,
+    /// When the last stream ended (ms after `opened`); the idle clock starts there.
+    idle_since_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Connection {
+    /// A connection holding `slot`, whose tunnels join `tracker`.
+    pub fn new(
+        flags: Arc<ConnectionFlags>,
+        slot: OwnedSemaphorePermit,
+        tracker: TaskTracker,
+    ) -> Connection {
+        Connection {
+            flags,
+            _slot: slot,
+            tracker,
+            open_streams: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
+    /// Runs an upgraded connection's tunnel on the server's tracker, holding this connection
+    /// (and so its slot) until the tunnel ends. Shutdown waits for it like for any connection.
+    pub fn spawn_tunnel(self: Arc<Self>, tunnel: impl Future<Output = ()> + Send + 'static) {
+        let tracker = self.tracker.clone();
+        tracker.spawn(async move {
+            tunnel.await;
+            drop(self);
+        });
+    }
+
+    /// Counts a stream as open until the returned guard drops (with the response body).
+    pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
+        self.open_streams.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(Arc::clone(self))
+    }
+
+    /// Resolves once the connection has had no open stream for `limit`. Wakes at most once per
+    /// `limit` while streams are open.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            let since =
+                self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+            tokio::time::sleep_until(since + limit).await;
+            if self.open_streams.load(Ordering::Acquire) == 0 {
+                let since =
+                    self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+                if since.elapsed() >= limit {
+                    return;
+                }
+            } else {
+                // Busy: look again a whole period after now.
+                tokio::time::sleep(limit).await;
+            }
+        }
+    }
+}
+
+/// An open stream on a [`Connection`]; dropping it closes the stream and, when it was the
+/// last one, starts the connection's idle clock.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Connection>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let connection = &self.0;
+        let elapsed = u64::try_from(connection.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        connection.idle_since_ms.store(elapsed, Ordering::Release);
+        connection.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}

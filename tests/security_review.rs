@@ -1,0 +1,857 @@
+//! Regression tests for the outside security review (issue 6), one section per finding. Each
+//! test sends what the reviewer sent, over real sockets, against a real redis-server and a
+//! real upstream, and fails if the protection it checks is removed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+// ============================================================================================
+// An upstream that really upgrades
+// ============================================================================================
+
+/// One request as the upgrade upstream saw it, over HTTP/1.1 or (after an h2c upgrade) HTTP/2.
+#[derive(Debug, Clone)]
+struct Seen {
+    version: &'static str,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+/// How [`UpgradeUpstream`] answers an HTTP/1.1 request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// 101 to whatever protocol the request asks for (then HTTP/2 for `h2c`, an echo for any
+    /// other); 200 `plain` to a request without `Upgrade`.
+    Honest,
+    /// 101 `Upgrade: h2c` to every request, asked or not.
+    AlwaysH2c,
+}
+
+/// A back end that accepts upgrades the way Hypercorn does: `Upgrade: h2c` gets a 101 and the
+/// connection then speaks HTTP/2 (served by hyper's HTTP/2 server, recording every request);
+/// any other protocol gets a 101 and a byte echo. It ignores `HTTP2-Settings` entirely, as
+/// Hypercorn does.
+struct UpgradeUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl UpgradeUpstream {
+    async fn start(mode: Mode) -> UpgradeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(serve_upgrades(stream, mode, recorded.clone()));
+            }
+        });
+        UpgradeUpstream { addr, seen, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UpgradeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 head byte by byte (so nothing after it is consumed).
+async fn read_head<R: AsyncRead + Unpin>(stream: &mut R) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 || head.len() > 64 * 1024 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
+/// (status, lowercased header pairs) of a response head.
+fn parse_response_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    response.parse(head).expect("response head parses");
+    let pairs = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    (response.code.unwrap_or(0), pairs)
+}
+
+async fn serve_upgrades(mut stream: TcpStream, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
+    let Some(head) = read_head(&mut stream).await else {
+        return;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if request.parse(&head).is_err() {
+        return;
+    }
+    let pairs: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let path = request.path.unwrap_or("").to_owned();
+    let upgrade = pairs.iter().find(|(n, _)| n == "upgrade").map(|(_, v)| {
+        v.split(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    seen.lock().unwrap().push(Seen {
+        version: "HTTP/1.1",
+        path,
+        headers: pairs,
+    });
+    let protocol = match (mode, upgrade) {
+        (Mode::AlwaysH2c, _) => "h2c".to_owned(),
+        (Mode::Honest, Some(p)) => p,
+        (Mode::Honest, None) => {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nplain",
+                )
+                .await;
+            return;
+        }
+    };
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+    );
+    if stream.write_all(answer.as_bytes()).await.is_err() {
+        return;
+    }
+    if protocol == "h2c" {
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(Seen {
+                        version: "HTTP/2",
+                        path: req.uri().path().to_owned(),
+                        headers: req
+                            .headers()
+                            .iter()
+                            .map(|(n, v)| {
+                                (
+                                    n.as_str().to_owned(),
+                                    String::from_utf8_lossy(v.as_bytes()).into(),
+                                )
+                            })
+                            .collect(),
+                    });
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        "secret admin page",
+                    ))))
+                }
+            });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    } else {
+        let (mut read, mut write) = stream.into_split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    }
+}
+
+/// The reviewer's h2c request line and headers for `path`, with the `Connection` value given.
+fn h2c_upgrade(path: &str, connection: &str, extra: &[&str]) -> Vec<u8> {
+    let mut lines = vec![
+        "Upgrade: h2c".to_owned(),
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA".to_owned(),
+        format!("Connection: {connection}"),
+    ];
+    lines.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    raw_get(path, &refs)
+}
+
+/// After an upgrade answer, speaks HTTP/2 on `stream` and asks for `/admin/secret` posing as
+/// `admin`. Ok(status) when something answered over HTTP/2; Err when HTTP/2 never got going.
+async fn h2_admin_request(stream: TcpStream) -> Result<u16, String> {
+    let attempt = async move {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let request = hyper::Request::builder()
+            .uri("http://127.0.0.1/admin/secret")
+            .header("x-auth-user", "admin")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        Ok(response.status().as_u16())
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// A stack whose routes all go to `upstream`: `/pub2` public, `/api` required.
+async fn upgrade_stack(
+    upstream: &str,
+    adjust: impl FnOnce(&mut GatewayOpts),
+) -> (RedisServer, Gateway) {
+    let redis = RedisServer::new();
+    let mut opts = GatewayOpts::new(&redis.url(), upstream);
+    opts.routes = vec![
+        RouteSpec::new("/pub2", upstream, "public"),
+        RouteSpec::new("/api", upstream, "required"),
+    ];
+    adjust(&mut opts);
+    let gw = Gateway::start(opts).await;
+    (redis, gw)
+}
+
+// ============================================================================================
+// Finding 1: h2c is never tunnelled; only allow-listed upgrades are
+// ============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_upstream_really_accepts_h2c_upgrades() {
+    // The control: straight to the back end, the reviewer's exchange reaches /admin/secret
+    // with a forged identity. Without this, the tests below could pass against a back end
+    // that never upgrades.
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let mut stream = TcpStream::connect(upstream.addr).await.unwrap();
+    stream
+        .write_all(&h2c_upgrade("/pub2", "Upgrade", &[]))
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("a response head");
+    assert_eq!(parse_response_head(&head).0, 101);
+    assert_eq!(h2_admin_request(stream).await, Ok(200));
+    let seen = upstream.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.version == "HTTP/2" && s.path == "/admin/secret"),
+        "{seen:?}"
+    );
+}
+
+/// Sends the reviewer's h2c exchange to `path` on the gateway and checks it went nowhere.
+async fn assert_h2c_is_not_tunnelled(
+    gw: &Gateway,
+    upstream: &UpgradeUpstream,
+    path: &str,
+    extra: &[&str],
+) {
+    for connection in ["Upgrade", "Upgrade, HTTP2-Settings"] {
+        let before = upstream.seen().len();
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(&h2c_upgrade(path, connection, extra))
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream))
+            .await
+            .expect("an answer within 5 s")
+            .expect("a response head");
+        let (status, headers) = parse_response_head(&head);
+        assert_ne!(status, 101, "h2c must never be switched to ({connection})");
+        assert_eq!(status, 200, "served as plain HTTP/1.1");
+        assert!(!headers.iter().any(|(n, _)| n == "upgrade"), "{headers:?}");
+        // Skip the plain body, then try to talk HTTP/2 on the same connection anyway.
+        let mut body = [0u8; 5];
+        stream.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"plain");
+        assert!(
+            h2_admin_request(stream).await.is_err(),
+            "HTTP/2 after a plain answer"
+        );
+
+        let seen = upstream.seen();
+        let new = &seen[before..];
+        assert_eq!(new.len(), 1, "exactly the one plain request: {new:?}");
+        assert_eq!(new[0].version, "HTTP/1.1");
+        for name in ["upgrade", "http2-settings"] {
+            assert!(
+                !new[0].headers.iter().any(|(n, _)| n == name),
+                "{name} forwarded ({connection}): {:?}",
+                new[0].headers
+            );
+        }
+        assert!(!seen.iter().any(|s| s.path.contains("admin")), "{seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_on_a_public_route_is_served_as_plain_http1_and_never_tunnelled() {
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let (_redis, gw) = upgrade_stack(&upstream.url(), |_| {}).await;
+    assert_h2c_is_not_tunnelled(&gw, &upstream, "/pub2", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_with_a_valid_token_on_a_required_route_is_never_tunnelled() {
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let (_redis, gw) = upgrade_stack(&upstream.url(), |_| {}).await;
+    let (token, _) = gw.user("mallory").await;
+    let auth = format!("Authorization: Bearer {token}");
+    assert_h2c_is_not_tunnelled(&gw, &upstream, "/api/x", &[&auth]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_listed_upgrades_still_tunnel_and_others_are_dropped() {
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let (_redis, gw) = upgrade_stack(&upstream.url(), |o| {
+        o.server_extra = vec!["upgrade_protocols = [\"websocket\", \"x-custom\"]".into()];
+    })
+    .await;
+    for protocol in ["websocket", "X-Custom"] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        let upgrade = format!("Upgrade: {protocol}");
+        stream
+            .write_all(&raw_get("/pub2/t", &["Connection: Upgrade", &upgrade]))
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await.expect("head");
+        assert_eq!(parse_response_head(&head).0, 101, "{protocol}");
+        stream.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut echoed))
+            .await
+            .expect("echo within 3 s")
+            .unwrap();
+        assert_eq!(&echoed, b"ping");
+    }
+    // A protocol not on the list: the Upgrade is dropped, the request served plainly.
+    let response = raw_request(
+        gw.addr,
+        &raw_get("/pub2/t", &["Connection: Upgrade", "Upgrade: irc/6.9"]),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.head);
+    assert_eq!(response.body_text(), "plain");
+    // Offered alongside an allowed one, only the allowed one is forwarded.
+    let before = upstream.seen().len();
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(&raw_get(
+            "/pub2/t",
+            &["Connection: Upgrade", "Upgrade: h2c, websocket"],
+        ))
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("head");
+    assert_eq!(parse_response_head(&head).0, 101);
+    let seen = upstream.seen();
+    let upgrade: Vec<&String> = seen[before]
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "upgrade")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(upgrade, ["websocket"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_101_to_a_protocol_the_client_did_not_ask_for_is_502() {
+    let upstream = UpgradeUpstream::start(Mode::AlwaysH2c).await;
+    let (_redis, gw) = upgrade_stack(&upstream.url(), |_| {}).await;
+    // Asked for websocket, offered h2c: no tunnel.
+    let response = raw_request(
+        gw.addr,
+        &raw_get("/pub2/ws", &["Connection: Upgrade", "Upgrade: websocket"]),
+    )
+    .await;
+    assert_eq!(response.status, 502, "{}", response.head);
+    // Asked for nothing (h2c was dropped), offered h2c: no tunnel.
+    let response = raw_request(gw.addr, &h2c_upgrade("/pub2/x", "Upgrade", &[])).await;
+    assert_eq!(response.status, 502, "{}", response.head);
+    assert!(!upstream.seen().iter().any(|s| s.version == "HTTP/2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_is_removed_from_every_forwarded_request() {
+    let s = Stack::start().await;
+    let r = raw_request(
+        s.gw.addr,
+        &raw_get("/public/x", &["HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"]),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert!(!echo.has("http2-settings"), "{:?}", echo.headers);
+}
+
+// ============================================================================================
+// Finding 2: slow bodies and idle HTTP/2 connections are cut off
+// ============================================================================================
+
+/// Writes `request`, then reads one response (bounded) and whether the connection closed.
+async fn send_and_wait(
+    addr: SocketAddr,
+    request: &[u8],
+    limit: Duration,
+) -> (RawResponse, bool, Duration) {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = read_response(stream, limit).await;
+    let took = started.elapsed();
+    let closed = response.closed_within(Duration::from_secs(2)).await;
+    (response, closed, took)
+}
+
+fn timeouts(o: &mut GatewayOpts) {
+    o.server_extra = vec![
+        "body_read_timeout = \"1s\"".into(),
+        "body_idle_timeout = \"1s\"".into(),
+        "h2_idle_timeout = \"1s\"".into(),
+    ];
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_body_shorter_than_its_content_length_gets_408_and_close() {
+    let s = Stack::start_with(timeouts).await;
+    let request = b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    let (response, closed, took) = send_and_wait(s.gw.addr, request, Duration::from_secs(5)).await;
+    assert_eq!(response.status, 408, "{}", response.head);
+    assert_eq!(
+        response.msg().as_deref(),
+        Some("Request body not received in time")
+    );
+    assert!(closed, "connection must close after a 408");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_register_that_stops_mid_chunk_gets_408_and_close() {
+    let s = Stack::start_with(timeouts).await;
+    let request = b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n{\"username\":";
+    let (response, closed, _) = send_and_wait(s.gw.addr, request, Duration::from_secs(5)).await;
+    assert_eq!(response.status, 408, "{}", response.head);
+    assert!(closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_body_that_stalls_is_cut_with_408_but_a_slow_steady_one_passes() {
+    let s = Stack::start_with(timeouts).await;
+    let request =
+        b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789";
+    let (response, closed, took) = send_and_wait(s.gw.addr, request, Duration::from_secs(6)).await;
+    assert_eq!(response.status, 408, "{}", response.head);
+    assert!(closed);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // 12 bytes, one every 300 ms (3.6 s in all, each gap under the 1 s idle limit): it is
+    // the lack of progress that is cut, not a slow upload.
+    let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n")
+        .await
+        .unwrap();
+    for byte in b"steady-bytes" {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(&[*byte]).await.unwrap();
+    }
+    let response = read_response(stream, Duration::from_secs(5)).await;
+    assert_eq!(response.status, 200, "{}", response.head);
+    let echo = Echo::parse(&serde_json::from_slice(&response.body).unwrap());
+    assert_eq!(echo.body, "steady-bytes");
+}
+
+/// An HTTP/2 client connection (prior knowledge) to the gateway.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<
+        http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+    >,
+    JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connection_gets_goaway_after_h2_idle_timeout() {
+    let s = Stack::start_with(timeouts).await;
+    let (mut sender, conn) = h2_connect(s.gw.addr).await;
+    // One request, then nothing: the idle clock starts when its stream ends.
+    let request = hyper::Request::builder()
+        .uri(format!("http://{}/public/x", s.gw.addr))
+        .body(http_body_util::Empty::new().boxed())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection still open after 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed too early"
+    );
+
+    // A connection that never opens a stream (preface + SETTINGS only) is closed too.
+    let mut raw = TcpStream::connect(s.gw.addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (bytes, closed) = read_to_close(&mut raw, Duration::from_secs(5)).await;
+    assert!(closed, "preface-only connection still open after 5 s");
+    // A GOAWAY frame (type 7) was sent before the close.
+    let mut frames = &bytes[..];
+    let mut kinds = Vec::new();
+    while frames.len() >= 9 {
+        let len = u32::from_be_bytes([0, frames[0], frames[1], frames[2]]) as usize;
+        kinds.push(frames[3]);
+        frames = &frames[(9 + len).min(frames.len())..];
+    }
+    assert!(kinds.contains(&7), "no GOAWAY among frame types {kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_login_headers_without_data_get_408() {
+    let s = Stack::start_with(timeouts).await;
+    let (mut sender, _conn) = h2_connect(s.gw.addr).await;
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    let body = StreamBody::new(tokio_stream_from(rx)).boxed();
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/login", s.gw.addr))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("answer within 5 s")
+        .unwrap();
+    assert_eq!(response.status(), 408);
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+/// An mpsc receiver as a `Stream`, without a tokio-stream dependency.
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_filling_max_connections_only_lock_clients_out_until_body_read_timeout() {
+    // The review's lock-out: every slot taken by a login whose body never completes.
+    let s = Stack::start_with(|o| {
+        timeouts(o);
+        o.server_extra.push("max_connections = 4".into());
+    })
+    .await;
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
+        stream
+            .write_all(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(6), s.gw.get("/public/x", None))
+        .await
+        .expect("a legitimate client is served once the slow bodies are cut");
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "slots were not all taken"
+    );
+}
+
+// ============================================================================================
+// Finding 3: tunnels count against max_connections and are drained at shutdown
+// ============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_keep_their_connection_slot_until_they_close() {
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let (_redis, gw) = upgrade_stack(&upstream.url(), |o| {
+        o.server_extra = vec!["max_connections = 3".into()];
+    })
+    .await;
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(&raw_get(
+                "/pub2/ws",
+                &["Connection: Upgrade", "Upgrade: websocket"],
+            ))
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await.expect("head");
+        assert_eq!(parse_response_head(&head).0, 101);
+        tunnels.push(stream);
+    }
+    // All three slots are held by tunnels: a fourth client waits.
+    let waiting = tokio::spawn({
+        let addr = gw.addr;
+        async move { raw_request(addr, &raw_get("/pub2/plain", &[])).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fourth connection was served while 3 tunnels held every slot"
+    );
+    // One tunnel closes: its slot goes to the waiting client.
+    drop(tunnels.pop());
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a tunnel closed")
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_open_tunnels_and_waits_for_them() {
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let (_redis, mut gw) = upgrade_stack(&upstream.url(), |_| {}).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(&raw_get(
+            "/pub2/ws",
+            &["Connection: Upgrade", "Upgrade: websocket"],
+        ))
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("head");
+    assert_eq!(parse_response_head(&head).0, 101);
+    gw.begin_shutdown();
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(closed, "tunnel left open at shutdown");
+    gw.wait_stopped(Duration::from_secs(5)).await.unwrap();
+}
+
+// ============================================================================================
+// Finding 5: header hygiene
+// ============================================================================================
+
+const CLIENT_DESCRIBING: [&str; 13] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_describing_headers_from_untrusted_peers_never_reach_the_upstream() {
+    let s = Stack::start().await;
+    let mut request = s.gw.client.get(s.gw.url("/public/x"));
+    for name in CLIENT_DESCRIBING {
+        request = request.header(name, "/admin/secret");
+    }
+    let echo = Echo::from_response(request.send().await.unwrap()).await;
+    for name in CLIENT_DESCRIBING {
+        assert!(
+            !echo.values(name).contains(&"/admin/secret"),
+            "{name} passed through: {:?}",
+            echo.headers
+        );
+    }
+    // Only the gateway's own forwarding headers are there.
+    assert_eq!(echo.values("x-forwarded-for"), ["127.0.0.1"]);
+    for name in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+    ] {
+        assert!(!echo.has(name), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_may_set_client_describing_headers() {
+    let s = Stack::start_with(|o| o.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let echo = Echo::from_response(
+        s.gw.client
+            .get(s.gw.url("/public/x"))
+            .header("x-real-ip", "198.51.100.9")
+            .header("x-forwarded-prefix", "/app")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(echo.values("x-real-ip"), ["198.51.100.9"]);
+    assert_eq!(echo.values("x-forwarded-prefix"), ["/app"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_remove_the_request_id() {
+    let s = Stack::start().await;
+    let r = raw_request(
+        s.gw.addr,
+        &raw_get("/public/x", &["Connection: keep-alive, X-Request-Id"]),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    let sent = echo.values("x-request-id");
+    assert_eq!(sent.len(), 1, "{:?}", echo.headers);
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains(&format!("x-request-id: {}", sent[0]))
+    );
+}
+
+// ============================================================================================
+// Finding 7: a signed token whose sub cannot be a header value is 401
+// ============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_subjects_in_correctly_signed_tokens_are_401_invalid_token() {
+    let s = Stack::start().await;
+    for sub in [
+        "alice\r\nx-auth-user: admin",
+        "alice\n",
+        "al\0ice",
+        &"a".repeat(65),
+        "a b",
+        "",
+    ] {
+        let token = mint_valid(&claims(sub, "access"));
+        let f = failure(s.gw.get("/api/x", Some(&token)).await).await;
+        assert_invalid_token(&f, &format!("sub {sub:?}"));
+    }
+    assert_eq!(s.upstream.hits(), 0);
+}
+
+// ============================================================================================
+// Finding 8: a client's broken body is the client's fault
+// ============================================================================================
+
+async fn metrics(gw: &Gateway) -> String {
+    gw.client
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_body_on_a_proxied_route_is_400_and_close_not_502() {
+    let s = Stack::start().await;
+    for body in [
+        // A chunk-size line that is not hex.
+        "zz\r\nhello\r\n0\r\n\r\n",
+        // A chunk longer than its size says.
+        "2\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let request = format!(
+            "POST /public/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let (response, closed, _) =
+            send_and_wait(s.gw.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            response.status == 400 || response.status == 0,
+            "{body:?}: {} {}",
+            response.head,
+            response.body_text()
+        );
+        assert!(closed, "{body:?}: connection left open");
+    }
+    let text = metrics(&s.gw).await;
+    assert!(
+        !text.lines().any(|l| l.contains("status=\"502\"")),
+        "counted as upstream failure:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_mid_body_is_not_counted_as_an_upstream_failure() {
+    let s = Stack::start().await;
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /public/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf",
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // RST instead of FIN.
+        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = metrics(&s.gw).await;
+    assert!(
+        !text.lines().any(|l| l.contains("status=\"502\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("route=\"/public\"") && l.contains("status=\"400\"")),
+        "a client error is counted for the route:\n{text}"
+    );
+    // And the gateway keeps serving.
+    assert_eq!(s.gw.get("/public/x", None).await.status(), 200);
+}
