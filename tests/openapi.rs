@@ -508,7 +508,9 @@ fn huge_header(request: RequestBuilder) -> RequestBuilder {
 #[tokio::test]
 async fn every_documented_status_is_provoked_and_every_answer_conforms() {
     let spec = Spec::load();
-    let mut s = Stack::start().await;
+    // A short body deadline, so the 408 case takes a second, not ten.
+    let mut s =
+        Stack::start_with(|o| o.server_extra = vec!["body_read_timeout = \"1s\"".into()]).await;
     let gw = &s.gw;
     let mut p = Probe {
         spec: &spec,
@@ -770,9 +772,33 @@ async fn every_documented_status_is_provoked_and_every_answer_conforms() {
     )
     .await;
 
-    // ---- the store goes away: every operation fails closed with 503
+    // ---- bodies that never finish: 408 after server.body_read_timeout
+    for r in ["/register", "/login"] {
+        let never = futures_util::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+        let stalled = p
+            .request("POST", r)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(never));
+        p.case("POST", r, "body never finishes", stalled, 408).await;
+    }
+
     let (logout_token, _) = gw.login("doc-user", PASSWORD).await;
     let (_, spare_refresh) = gw.login("doc-user", PASSWORD).await;
+
+    // ---- probing taken names from one address: each 409 counts, then 429
+    let mut probes = 0;
+    while gw.register("doc-user", PASSWORD).await.status() == 409 {
+        probes += 1;
+        assert!(
+            probes <= 60,
+            "60 taken-name registrations were never throttled"
+        );
+    }
+    let (m, r) = ("POST", "/register");
+    p.case(m, r, "address throttled", p.json(m, r, &ok), 429)
+        .await;
+
+    // ---- the store goes away: every operation fails closed with 503
     s.redis.stop();
     let outage = "store down";
     p.case(

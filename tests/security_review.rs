@@ -838,7 +838,7 @@ async fn client_reset_mid_body_is_not_counted_as_an_upstream_failure() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // RST instead of FIN.
-        stream.set_linger(Some(Duration::ZERO)).unwrap();
+        stream.set_zero_linger().unwrap();
         drop(stream);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
