@@ -232,6 +232,19 @@ async fn h2_admin_request(stream: TcpStream) -> Result<u16, String> {
         .unwrap_or_else(|_| Err("timed out".into()))
 }
 
+/// Sends an upgrade request for `protocol` to `path` on `addr` and reads the response head,
+/// leaving the stream right after it: (status, stream).
+async fn upgrade(addr: SocketAddr, path: &str, protocol: &str) -> (u16, TcpStream) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let upgrade = format!("Upgrade: {protocol}");
+    stream
+        .write_all(&raw_get(path, &["Connection: Upgrade", &upgrade]))
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await.expect("a response head");
+    (parse_response_head(&head).0, stream)
+}
+
 /// A stack whose routes all go to `upstream`: `/pub2` public, `/api` required.
 async fn upgrade_stack(
     upstream: &str,
@@ -344,14 +357,8 @@ async fn allow_listed_upgrades_still_tunnel_and_others_are_dropped() {
     })
     .await;
     for protocol in ["websocket", "X-Custom"] {
-        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-        let upgrade = format!("Upgrade: {protocol}");
-        stream
-            .write_all(&raw_get("/pub2/t", &["Connection: Upgrade", &upgrade]))
-            .await
-            .unwrap();
-        let head = read_head(&mut stream).await.expect("head");
-        assert_eq!(parse_response_head(&head).0, 101, "{protocol}");
+        let (status, mut stream) = upgrade(gw.addr, "/pub2/t", protocol).await;
+        assert_eq!(status, 101, "{protocol}");
         stream.write_all(b"ping").await.unwrap();
         let mut echoed = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut echoed))
@@ -370,16 +377,8 @@ async fn allow_listed_upgrades_still_tunnel_and_others_are_dropped() {
     assert_eq!(response.body_text(), "plain");
     // Offered alongside an allowed one, only the allowed one is forwarded.
     let before = upstream.seen().len();
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(&raw_get(
-            "/pub2/t",
-            &["Connection: Upgrade", "Upgrade: h2c, websocket"],
-        ))
-        .await
-        .unwrap();
-    let head = read_head(&mut stream).await.expect("head");
-    assert_eq!(parse_response_head(&head).0, 101);
+    let (status, _stream) = upgrade(gw.addr, "/pub2/t", "h2c, websocket").await;
+    assert_eq!(status, 101);
     let seen = upstream.seen();
     let upgrade: Vec<&String> = seen[before]
         .headers
@@ -622,16 +621,8 @@ async fn open_tunnels_keep_their_connection_slot_until_they_close() {
     .await;
     let mut tunnels = Vec::new();
     for _ in 0..3 {
-        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-        stream
-            .write_all(&raw_get(
-                "/pub2/ws",
-                &["Connection: Upgrade", "Upgrade: websocket"],
-            ))
-            .await
-            .unwrap();
-        let head = read_head(&mut stream).await.expect("head");
-        assert_eq!(parse_response_head(&head).0, 101);
+        let (status, stream) = upgrade(gw.addr, "/pub2/ws", "websocket").await;
+        assert_eq!(status, 101);
         tunnels.push(stream);
     }
     // All three slots are held by tunnels: a fourth client waits.
@@ -657,16 +648,8 @@ async fn open_tunnels_keep_their_connection_slot_until_they_close() {
 async fn shutdown_closes_open_tunnels_and_waits_for_them() {
     let upstream = UpgradeUpstream::start(Mode::Honest).await;
     let (_redis, mut gw) = upgrade_stack(&upstream.url(), |_| {}).await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(&raw_get(
-            "/pub2/ws",
-            &["Connection: Upgrade", "Upgrade: websocket"],
-        ))
-        .await
-        .unwrap();
-    let head = read_head(&mut stream).await.expect("head");
-    assert_eq!(parse_response_head(&head).0, 101);
+    let (status, mut stream) = upgrade(gw.addr, "/pub2/ws", "websocket").await;
+    assert_eq!(status, 101);
     gw.begin_shutdown();
     let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
     assert!(closed, "tunnel left open at shutdown");

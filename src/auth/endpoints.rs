@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::Auth;
-use super::store::{Attempt, Outcome, Reservation, Subject};
+use super::store::{Attempt, Reservation, Subject};
 use super::token::{IssuedPair, TokenType};
 use crate::body::{self, Body};
 use crate::error::RequestError;
@@ -101,13 +101,7 @@ impl Auth {
                 let (_, reservation) = self.begin(subjects, None).await?;
                 let phc = self.passwords.hash(&creds.password).await?;
                 let created = self.store.create_user(&creds.username, &phc).await?;
-                reservation
-                    .end(if created {
-                        Outcome::Succeeded
-                    } else {
-                        Outcome::Failed
-                    })
-                    .await?;
+                reservation.end(created).await?;
                 if !created {
                     return Err(RequestError::UserExists);
                 }
@@ -139,13 +133,7 @@ impl Auth {
                     .passwords
                     .verify(&creds.password, hash.as_deref())
                     .await?;
-                reservation
-                    .end(if valid {
-                        Outcome::Succeeded
-                    } else {
-                        Outcome::Failed
-                    })
-                    .await?;
+                reservation.end(valid).await?;
                 if !valid {
                     return Err(RequestError::BadCredentials);
                 }

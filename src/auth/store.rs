@@ -92,10 +92,16 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Records how the attempt ended: a failure is counted against every subject, a success
-    /// counts nothing (and clears the username's failures).
-    pub async fn end(mut self, outcome: Outcome) -> Result<(), StoreError> {
+    /// Records how the attempt ended: a failure (a wrong password, a taken name) is counted
+    /// against every subject; a success counts nothing and clears the failures of subjects
+    /// that ask for it (the username's).
+    pub async fn end(mut self, succeeded: bool) -> Result<(), StoreError> {
         self.ended = true;
+        let outcome = if succeeded {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        };
         self.store.end_attempt(&self.subjects, outcome).await
     }
 }
@@ -170,7 +176,7 @@ return 1
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+enum Outcome {
     /// The password was right (or the registration succeeded): nothing is counted.
     Succeeded,
     /// A wrong password, or a registration for a name that exists: one failure per subject.
@@ -612,10 +618,10 @@ mod tests {
         let w = Duration::from_secs(60);
         let (hash, r) = go(attempt(&store, "alice", "a", 5, w).await);
         assert_eq!(hash.as_deref(), Some("h1"));
-        r.end(Outcome::Succeeded).await.unwrap();
+        r.end(true).await.unwrap();
         let (hash, r) = go(attempt(&store, "bob", "a", 5, w).await);
         assert_eq!(hash, None);
-        r.end(Outcome::Failed).await.unwrap();
+        r.end(false).await.unwrap();
     }
 
     #[tokio::test]
@@ -630,12 +636,12 @@ mod tests {
             Attempt::Busy
         ));
         // Both succeed: nothing is left behind, the next attempt goes ahead.
-        a.end(Outcome::Succeeded).await.unwrap();
-        b.end(Outcome::Succeeded).await.unwrap();
+        a.end(true).await.unwrap();
+        b.end(true).await.unwrap();
         let (_, c) = go(attempt(&store, "alice", "ip", 2, w).await);
-        c.end(Outcome::Failed).await.unwrap();
+        c.end(false).await.unwrap();
         let (_, d) = go(attempt(&store, "alice", "ip", 2, w).await);
-        d.end(Outcome::Failed).await.unwrap();
+        d.end(false).await.unwrap();
         match attempt(&store, "alice", "ip", 2, w).await {
             Attempt::Throttled { retry_after } => assert!(retry_after <= w),
             other => panic!("expected Throttled, got {other:?}"),
@@ -646,7 +652,7 @@ mod tests {
         drop((e, f));
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (_, g) = go(attempt(&store, "bob", "ip", 2, w).await);
-        g.end(Outcome::Succeeded).await.unwrap();
+        g.end(true).await.unwrap();
         tokio::time::sleep(w + Duration::from_millis(20)).await;
         go(attempt(&store, "alice", "ip", 2, w).await);
     }
@@ -661,7 +667,7 @@ mod tests {
         let w = Duration::from_millis(30);
         for i in 0..200 {
             let (_, r) = go(attempt(&store, &format!("u{i}"), "ip", 100, w).await);
-            r.end(Outcome::Failed).await.unwrap();
+            r.end(false).await.unwrap();
         }
         assert!(lock(map).entries.len() >= 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
