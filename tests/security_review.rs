@@ -406,16 +406,19 @@ async fn upstream_101_to_a_protocol_the_client_did_not_ask_for_is_502() {
     assert!(!upstream.seen().iter().any(|s| s.version == "HTTP/2"));
 }
 
+/// GET /public/x with `extra` header lines over a raw socket: the response and what the echo
+/// upstream received.
+async fn raw_echo(gw: &Gateway, extra: &[&str]) -> (RawResponse, Echo) {
+    let r = raw_request(gw.addr, &raw_get("/public/x", extra)).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    (r, echo)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_settings_is_removed_from_every_forwarded_request() {
     let s = Stack::start().await;
-    let r = raw_request(
-        s.gw.addr,
-        &raw_get("/public/x", &["HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"]),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    let (_, echo) = raw_echo(&s.gw, &["HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"]).await;
     assert!(!echo.has("http2-settings"), "{:?}", echo.headers);
 }
 
@@ -726,13 +729,7 @@ async fn a_trusted_proxy_may_set_client_describing_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_remove_the_request_id() {
     let s = Stack::start().await;
-    let r = raw_request(
-        s.gw.addr,
-        &raw_get("/public/x", &["Connection: keep-alive, X-Request-Id"]),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    let (r, echo) = raw_echo(&s.gw, &["Connection: keep-alive, X-Request-Id"]).await;
     let sent = echo.values("x-request-id");
     assert_eq!(sent.len(), 1, "{:?}", echo.headers);
     assert!(
