@@ -50,12 +50,15 @@ pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings")
 /// `server.trusted_proxies` may set; from anyone else they are removed.
 ///
 /// Why: back ends and frameworks believe them. The `X-Forwarded-*` family and `Forwarded`
-/// (RFC 7239) carry the client address, scheme, host, port and path prefix; `X-Real-IP`,
-/// `X-Client-IP` and `True-Client-IP` are the single-address variants of nginx, Apache and
-/// Akamai/Cloudflare; `X-Original-URL` and `X-Rewrite-URL` are read as the *real* request
-/// path by IIS URL Rewrite and older Symfony and Zend, so a public request could name a
-/// protected path in them.
-pub const CLIENT_DESCRIBING: [HeaderName; 13] = [
+/// (RFC 7239) carry the client address, scheme, host, port, path and prefix (Rack reads
+/// `X-Forwarded-Ssl` as https); `X-Real-IP`, `X-Client-IP`, `True-Client-IP`,
+/// `X-Cluster-Client-IP`, `CF-Connecting-IP` and `Fastly-Client-IP` are the single-address
+/// variants of nginx, Apache, Akamai, load balancers, Cloudflare and Fastly; `X-Original-URL`,
+/// `X-Rewrite-URL`, `X-Original-URI` and `X-Envoy-Original-Path` are read as the *real*
+/// request path by IIS URL Rewrite, older Symfony and Zend, nginx `auth_request` set-ups and
+/// Envoy, so a public request could name a protected path in them; `X-Original-Host` and
+/// `X-Host` stand in for `Host` in several frameworks.
+pub const CLIENT_DESCRIBING: [HeaderName; 22] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
@@ -63,12 +66,21 @@ pub const CLIENT_DESCRIBING: [HeaderName; 13] = [
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-server"),
     HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-uri"),
     FORWARDED,
     X_REAL_IP,
     HeaderName::from_static("x-client-ip"),
     HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-envoy-original-path"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-host"),
 ];
 
 /// The fixed hop-by-hop list: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`,
@@ -299,12 +311,43 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
     client
 }
 
+/// Removes every `_`/`.` spelling of a [`CLIENT_DESCRIBING`] header (`X_Original_URL`,
+/// `x.forwarded.for`), from trusted peers too.
+///
+/// Why: CGI, WSGI, Rack and PHP read `X_Original_URL` and `X-Original-URL` as the same
+/// variable (`HTTP_X_ORIGINAL_URL`, the header-underscore confusion of Puma's CVE-2024-45614),
+/// and no proxy keycard trusts writes them that way. Only names holding `_` or `.` are
+/// folded, so a request without such names costs one scan of its header names.
+fn remove_other_spellings(headers: &mut HeaderMap) {
+    let odd = |name: &HeaderName| name.as_str().bytes().any(|b| b == b'_' || b == b'.');
+    if !headers.keys().any(odd) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            odd(name)
+                && CLIENT_DESCRIBING.iter().any(|canonical| {
+                    let canonical = canonical.as_str().as_bytes();
+                    name.as_str().len() == canonical.len()
+                        && folded_starts_with(name.as_str().as_bytes(), canonical)
+                })
+        })
+        .cloned()
+        .collect();
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` for the upstream.
 ///
 /// Why: the upstream cannot see the client's address, scheme or requested host any other
 /// way, and it must never see forged ones (they drive IP allow-lists, rate limits, redirects
 /// and absolute URLs).
 ///
+/// - Any peer: the `_`/`.` spellings of those headers are removed (see
+///   `remove_other_spellings`).
 /// - Untrusted peer: every header in [`CLIENT_DESCRIBING`] is removed; then
 ///   `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: <proto>` and, if the request has a
 ///   `Host`, `X-Forwarded-Host: <Host>` are set.
@@ -318,6 +361,7 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
 /// client's value has been removed either way when the peer is untrusted).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &str) {
     let peer = canonical_ip(peer).to_string();
+    remove_other_spellings(headers);
     if !trusted {
         for name in &CLIENT_DESCRIBING {
             headers.remove(name);
@@ -675,6 +719,33 @@ mod tests {
         assert_eq!(all(&h, "x-forwarded-host"), ["app.example.com"]);
         assert!(!h.contains_key("forwarded"));
         assert!(!h.contains_key("x-real-ip"));
+    }
+
+    #[test]
+    fn underscore_and_dot_spellings_are_removed_even_from_trusted_peers() {
+        for trusted in [false, true] {
+            let mut h = map(&[
+                ("x_original_url", "/admin"),
+                ("X.Forwarded.For", "10.0.0.1"),
+                ("x_real_ip", "10.0.0.1"),
+                ("true_client_ip", "10.0.0.1"),
+                ("x_forwarded_proto", "https"),
+                ("x_custom_thing", "kept"),
+                ("x-original-url", "/admin"),
+            ]);
+            set_forwarded(&mut h, PEER, trusted, "http");
+            for name in [
+                "x_original_url",
+                "x.forwarded.for",
+                "x_real_ip",
+                "true_client_ip",
+            ] {
+                assert!(!h.contains_key(name), "{name} (trusted {trusted})");
+            }
+            assert_eq!(all(&h, "x_custom_thing"), ["kept"]);
+            assert_eq!(h.contains_key("x-original-url"), trusted);
+            assert_eq!(all(&h, "x-forwarded-proto").len(), 1);
+        }
     }
 
     #[test]
