@@ -64,6 +64,44 @@ struct Outcome {
     user: Option<String>,
 }
 
+/// Status logged for a request whose client went away before it was answered (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
+/// One request's access-log line and metrics update, written on drop: when the request is
+/// answered, and also when it is cancelled because its client hung up mid-way.
+struct AccessLog<'a> {
+    gateway: &'a Gateway,
+    start: Instant,
+    id: HeaderValue,
+    peer: SocketAddr,
+    method: http::Method,
+    uri: http::Uri,
+    outcome: Outcome,
+    /// The answer's status; `None` until answered.
+    status: Option<u16>,
+}
+
+impl Drop for AccessLog<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let status = self.status.unwrap_or(CLIENT_CLOSED);
+        self.gateway
+            .metrics
+            .request(&self.outcome.route, status, elapsed);
+        tracing::info!(
+            target: "keycard::access",
+            request_id = self.id.to_str().unwrap_or("-"),
+            peer = %self.peer.ip(),
+            method = %self.method,
+            path = %LoggedPath(self.uri.path()),
+            route = %self.outcome.route,
+            status,
+            user = self.outcome.user.as_deref().unwrap_or("-"),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+    }
+}
+
 impl Gateway {
     /// Compiles routes and header rules from the config; upgraded connections close when
     /// `stop` turns true.
@@ -99,22 +137,30 @@ impl Gateway {
 
     /// Answers one request; never fails (failures are responses).
     pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let start = Instant::now();
-        let method = request.method().clone();
         let id = self.ids.next();
         request.headers_mut().insert(REQUEST_ID.clone(), id.clone());
-        let mut outcome = Outcome {
-            route: self.labels.unmatched.clone(),
-            user: None,
+        // Written when this function returns, or when hyper drops it because the client went
+        // away (then with 499, nginx's "client closed request"): every request is logged once.
+        let mut log = AccessLog {
+            gateway: self,
+            start: Instant::now(),
+            id: id.clone(),
+            peer,
+            method: request.method().clone(),
+            // A cheap clone (the URI's bytes are shared), to log the path after the request
+            // has been handed on.
+            uri: request.uri().clone(),
+            outcome: Outcome {
+                route: self.labels.unmatched.clone(),
+                user: None,
+            },
+            status: None,
         };
-        // A cheap clone (the URI's bytes are shared) so the path can be logged after the
-        // request has been handed on.
-        let uri = request.uri().clone();
         let connection = request.extensions().get::<Arc<Connection>>().cloned();
         let http1 = request.version() < Version::HTTP_2;
 
         let mut close = false;
-        let mut response = match self.dispatch(request, peer, &mut outcome).await {
+        let mut response = match self.dispatch(request, peer, &mut log.outcome).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(reason) = failure_reason(&error) {
@@ -129,9 +175,7 @@ impl Gateway {
                 error.into_response()
             }
         };
-        response
-            .headers_mut()
-            .insert(REQUEST_ID.clone(), id.clone());
+        response.headers_mut().insert(REQUEST_ID.clone(), id);
         // The client's body was cut short or broken, or the framing guard lost track of this
         // connection: end it after this response, so nothing after it is parsed as a request.
         // (HTTP/2 has no such header; there the stream alone ends.)
@@ -141,21 +185,7 @@ impl Gateway {
                 .headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-
-        let elapsed = start.elapsed();
-        let status = response.status().as_u16();
-        self.metrics.request(&outcome.route, status, elapsed);
-        tracing::info!(
-            target: "keycard::access",
-            request_id = id.to_str().unwrap_or("-"),
-            peer = %peer.ip(),
-            method = %method,
-            path = %LoggedPath(uri.path()),
-            route = %outcome.route,
-            status,
-            user = outcome.user.as_deref().unwrap_or("-"),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-        );
+        log.status = Some(response.status().as_u16());
         response
     }
 

@@ -845,3 +845,60 @@ async fn client_reset_mid_body_is_not_counted_as_an_upstream_failure() {
     // And the gateway keeps serving.
     assert_eq!(s.gw.get("/public/x", None).await.status(), 200);
 }
+
+// ============================================================================================
+// Second review: a login cancelled mid-check still counts, and is still logged
+// ============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
+    // A wrong-password login, the connection reset right after sending: had the attempt been
+    // given back unjudged, one address could keep argon2 busy forever without being throttled.
+    let s = Stack::start_with(|o| {
+        o.fast_passwords = false;
+        o.passwords_extra = vec![
+            "memory_kib = 8192".into(),
+            "iterations = 4".into(),
+            "parallelism = 1".into(),
+        ];
+        o.throttle = vec!["address_limit = 5".into(), "user_limit = 0".into()];
+    })
+    .await;
+    for i in 0..5 {
+        let body = format!(r#"{{"username":"ghost{i}","password":"wrong password!"}}"#);
+        let request = format!(
+            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stream.set_zero_linger().unwrap();
+        drop(stream);
+    }
+    // Each check finishes on its own and counts as the failure it is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count: Option<String> = s
+            .redis
+            .query(redis::cmd("GET").arg("keycard:throttle:addr:127.0.0.1"))
+            .await;
+        if count.as_deref() == Some("5") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "abandoned attempts counted: {count:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = s.gw.login_raw("ghost9", "wrong password!").await;
+    assert_eq!(resp.status(), 429);
+    // Every cancelled request still got its access-log line and metric, as 499.
+    let text = metrics(&s.gw).await;
+    assert!(
+        text.lines()
+            .any(|l| l.contains("route=\"login\"") && l.contains("status=\"499\"")),
+        "{text}"
+    );
+}

@@ -99,9 +99,15 @@ impl Auth {
                 // so each one counts as a failed attempt.
                 let subjects = vec![self.address_subject(client)];
                 let (_, reservation) = self.begin(subjects, None).await?;
-                let phc = self.passwords.hash(&creds.password).await?;
-                let created = self.store.create_user(&creds.username, &phc).await?;
-                reservation.end(created).await?;
+                let (passwords, store) = (self.passwords.clone(), self.store.clone());
+                let username = creds.username.clone();
+                let created = decide(async move {
+                    let phc = passwords.hash(&creds.password).await?;
+                    let created = store.create_user(&username, &phc).await?;
+                    reservation.end(created).await?;
+                    Ok(created)
+                })
+                .await?;
                 if !created {
                     return Err(RequestError::UserExists);
                 }
@@ -129,11 +135,14 @@ impl Auth {
                 // An unknown user is verified against a dummy hash: the same work, the same
                 // answer and the same count as a wrong password, so neither timing nor
                 // throttling reveals which names exist.
-                let valid = self
-                    .passwords
-                    .verify(&creds.password, hash.as_deref())
-                    .await?;
-                reservation.end(valid).await?;
+                let passwords = self.passwords.clone();
+                let password = creds.password;
+                let valid = decide(async move {
+                    let valid = passwords.verify(&password, hash.as_deref()).await?;
+                    reservation.end(valid).await?;
+                    Ok(valid)
+                })
+                .await?;
                 if !valid {
                     return Err(RequestError::BadCredentials);
                 }
@@ -202,6 +211,21 @@ impl Auth {
             }),
         }
     }
+}
+
+/// Runs the part of an attempt that decides and records its outcome (the password check or
+/// hash, and [`Reservation::end`]) as its own task, and waits for it.
+///
+/// Why a task: if it ran inside the request, a client that hangs up right after sending would
+/// cancel it mid-check; its reservation would be given back unjudged, so a wrong guess would
+/// never count and one address could keep argon2 busy at full rate without ever being
+/// throttled. As a task the attempt is decided and counted whatever the client does.
+async fn decide<T: Send + 'static>(
+    attempt: impl Future<Output = Result<T, RequestError>> + Send + 'static,
+) -> Result<T, RequestError> {
+    tokio::spawn(attempt)
+        .await
+        .map_err(|e| RequestError::Internal(format!("login attempt task failed: {e}")))?
 }
 
 /// The login and refresh answer. `Cache-Control: no-store` because it carries credentials

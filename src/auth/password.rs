@@ -33,13 +33,15 @@ pub enum PasswordError {
     Internal(String),
 }
 
-/// The configured argon2id hasher plus the limits around it. Build once, share via `Arc`.
+/// The configured argon2id hasher plus the limits around it. Build once; a clone shares the
+/// slots and the queue (so a spawned login check stays under the same limits).
+#[derive(Clone)]
 pub struct Passwords {
     params: Params,
     permits: Arc<Semaphore>,
     queue_timeout: Duration,
-    /// Calls currently waiting for a slot, and how many may.
-    waiting: AtomicUsize,
+    /// Calls currently waiting for a slot (shared by clones), and how many may.
+    waiting: Arc<AtomicUsize>,
     max_queue: usize,
     /// Hash of a random password with the current parameters; verified against when the user
     /// does not exist, so "no such user" costs as much as "wrong password" and response time
@@ -88,7 +90,7 @@ impl Passwords {
             params,
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
             queue_timeout: config.queue_timeout,
-            waiting: AtomicUsize::new(0),
+            waiting: Arc::new(AtomicUsize::new(0)),
             max_queue: config.max_queue,
             dummy_phc: dummy_phc.into(),
         })
