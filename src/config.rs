@@ -121,9 +121,9 @@ pub struct TokenConfig {
     pub secret: Secret,
     /// `tokens.issuer` (default `keycard`).
     pub issuer: String,
-    /// `tokens.access_ttl` (default 15m).
+    /// `tokens.access_ttl` (default 15m, at most 365d).
     pub access_ttl: Duration,
-    /// `tokens.refresh_ttl` (default 7d).
+    /// `tokens.refresh_ttl` (default 7d, at most 365d).
     pub refresh_ttl: Duration,
     /// `tokens.leeway` (default 0s): clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
@@ -1053,21 +1053,23 @@ impl Ctx<'_> {
             })
             .unwrap_or_else(|| "keycard".to_string());
         // Token times are whole seconds, so a TTL under one second would issue tokens that
-        // are already expired.
+        // are already expired. A year at most: a revocation entry lives as long as its token,
+        // and a token that outlives any sane entry could not be revoked.
         let second = Duration::from_secs(1);
+        let year = Duration::from_secs(365 * 24 * 3600);
         let access_ttl = self.duration_in(
             &sec,
             "access_ttl",
             Duration::from_secs(15 * 60),
             second,
-            Duration::MAX,
+            year,
         );
         let refresh_ttl = self.duration_in(
             &sec,
             "refresh_ttl",
             Duration::from_secs(7 * 24 * 3600),
             second,
-            Duration::MAX,
+            year,
         );
         // Leeway is clock skew, not a policy knob: more than five minutes is a misconfiguration.
         let leeway = self.duration_in(
@@ -1902,6 +1904,12 @@ timeout = "2m"
             let e = one_error(&text);
             assert_eq!(e.key, "tokens.access_ttl", "{value}");
             assert!(e.message.contains(needle), "{value}: {e}");
+        }
+        for key in ["access_ttl", "refresh_ttl"] {
+            let text = minimal_with("[tokens]", &format!("[tokens]\n{key} = \"366d\""));
+            let e = one_error(&text);
+            assert_eq!(e.key, format!("tokens.{key}"));
+            assert!(e.message.contains("at most"), "{e}");
         }
         let text = minimal_with("[tokens]", "[tokens]\nleeway = \"10m\"");
         let e = one_error(&text);

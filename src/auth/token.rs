@@ -219,7 +219,7 @@ impl Tokens {
     /// accepted, which is `exp` plus the clock leeway. A shorter entry would let a revoked
     /// token work again for the leeway's length.
     pub fn revocation_ttl(&self, claims: &Claims) -> Duration {
-        remaining(claims) + Duration::from_secs(self.leeway)
+        (remaining(claims) + Duration::from_secs(self.leeway)).min(MAX_REVOCATION_TTL)
     }
 
     /// Unix second from which `claims`' token is no longer accepted: `exp` plus the leeway.
@@ -296,6 +296,11 @@ impl Tokens {
         })
     }
 }
+
+/// The longest a revocation entry is kept. Tokens keycard issues live a year at most; this
+/// only bounds a hand-made token with an absurd `exp`, whose entry would otherwise be an
+/// expiry Redis refuses (so the token could never be revoked).
+const MAX_REVOCATION_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Time left until `claims.exp`, at least one second.
 pub fn remaining(claims: &Claims) -> Duration {
