@@ -1000,11 +1000,13 @@ impl Ctx<'_> {
                     Some(item.span()),
                     format!("{name:?} is not a protocol token"),
                 );
-            } else if name == "h2c" || name.starts_with("h2c/") {
+            } else if ["h2c", "h2", "http/2"].iter().any(|h2| {
+                name == *h2 || name.starts_with(&format!("{h2}/")) || name.starts_with("http/2")
+            }) {
                 self.error(
                     item_key,
                     Some(item.span()),
-                    "h2c is never tunnelled: an upgraded HTTP/2 connection would bypass every route and identity rule".to_owned(),
+                    "HTTP/2 (h2c) is never tunnelled: an upgraded HTTP/2 connection would bypass every route and identity rule".to_owned(),
                 );
             } else {
                 protocols.push(name);
@@ -2097,6 +2099,10 @@ timeout = "2m"
             c.server.upgrade_protocols.is_empty(),
             "[] turns upgrades off"
         );
+        for h2 in ["h2", "h2c/1", "HTTP/2.0"] {
+            let e = one_error(&with(&format!("[\"{h2}\"]")));
+            assert_eq!(e.key, "server.upgrade_protocols[0]", "{h2}");
+        }
         let keys: Vec<String> = errors(&with("[\"websocket\", \"H2C\", \"a b\", 3]"))
             .into_iter()
             .map(|e| e.key)

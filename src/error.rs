@@ -84,6 +84,10 @@ pub enum RequestError {
         /// Sent as `Retry-After` in whole seconds.
         retry_after: Duration,
     },
+    /// The request uses something keycard does not implement (a transfer coding other than
+    /// `chunked`).
+    #[error("{0}")]
+    NotImplemented(&'static str),
     /// The upstream refused the connection or failed mid-request.
     #[error("Upstream unavailable")]
     BadGateway(String),
@@ -114,6 +118,7 @@ impl RequestError {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             BadGateway(_) => StatusCode::BAD_GATEWAY,
             GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -202,7 +202,7 @@ impl Gateway {
         if target_len > self.max_target {
             return Err(RequestError::UriTooLong);
         }
-        check_headers(request.headers(), self.max_headers)?;
+        check_head(&request, self.max_headers)?;
         let path =
             routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
@@ -255,10 +255,18 @@ impl Gateway {
     }
 }
 
-/// Header-level checks hyper does not make: total size (hyper's buffer limit is looser, see
-/// [`crate::server::head_buffer`]), a single `Host` (RFC 9112 §3.2: more than one is 400, since
-/// the gateway and the upstream might each pick a different one) and a single `Authorization`.
-fn check_headers(headers: &http::HeaderMap, max: usize) -> Result<(), RequestError> {
+/// Header-level checks hyper does not make:
+/// - total size (hyper's buffer limit is looser, see [`crate::server::head_buffer`]);
+/// - `Host` (RFC 9112 §3.2): exactly one on HTTP/1.1 (none or several is 400, since the
+///   gateway and the upstream might each pick a different one), a valid authority, and over
+///   HTTP/2 the same as `:authority` when both are sent (RFC 9113 §8.3.1);
+/// - a single `Authorization`;
+/// - `Transfer-Encoding`: only `chunked` (RFC 9112 §6.1: a coding the server does not
+///   understand is 501). The upstream request is re-framed by keycard's own client, so any
+///   other coding (`gzip, chunked`) would reach the upstream with its bytes still coded and
+///   no word of it.
+fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
+    let headers = request.headers();
     let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
@@ -266,8 +274,27 @@ fn check_headers(headers: &http::HeaderMap, max: usize) -> Result<(), RequestErr
     if size > max {
         return Err(RequestError::HeadersTooLarge);
     }
-    if headers.get_all(http::header::HOST).iter().nth(1).is_some() {
-        return Err(RequestError::BadRequest("Multiple Host headers".into()));
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(RequestError::BadRequest("Multiple Host headers".into())),
+        (None, None) if request.version() == Version::HTTP_11 => {
+            return Err(RequestError::BadRequest("Missing Host header".into()));
+        }
+        (Some(host), None) => {
+            let valid = http::uri::Authority::try_from(host.as_bytes()).ok();
+            let Some(host) = valid else {
+                return Err(RequestError::BadRequest("Invalid Host header".into()));
+            };
+            if request.version() == Version::HTTP_2
+                && let Some(authority) = request.uri().authority()
+                && !authority.as_str().eq_ignore_ascii_case(host.as_str())
+            {
+                return Err(RequestError::BadRequest(
+                    "Host does not match :authority".into(),
+                ));
+            }
+        }
+        (None, None) => {}
     }
     // On every route, public ones too: an upstream that reads auth itself must never have to
     // guess which of two credentials is meant.
@@ -279,6 +306,17 @@ fn check_headers(headers: &http::HeaderMap, max: usize) -> Result<(), RequestErr
     {
         return Err(RequestError::BadRequest(
             "Multiple Authorization headers".into(),
+        ));
+    }
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    if codings.any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+        return Err(RequestError::NotImplemented(
+            "Transfer coding not supported",
         ));
     }
     Ok(())

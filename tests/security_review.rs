@@ -924,3 +924,82 @@ async fn a_token_with_an_absurd_exp_can_still_be_revoked() {
     let f = failure(s.gw.get("/api/x", Some(&token)).await).await;
     assert_eq!((f.status, f.msg.as_str()), (401, "Token has been revoked"));
 }
+
+// ============================================================================================
+// Second review: Host, cookies and transfer codings as the RFCs have them
+// ============================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_host_must_be_present_and_valid_and_absolute_form_wins() {
+    let s = Stack::start().await;
+    let r = raw_request(s.gw.addr, b"GET /public/x HTTP/1.1\r\nAccept: */*\r\n\r\n").await;
+    assert_eq!(
+        (r.status, r.msg().as_deref()),
+        (400, Some("Missing Host header"))
+    );
+    let r = raw_request(s.gw.addr, b"GET /public/x HTTP/1.1\r\nHost: a b\r\n\r\n").await;
+    assert_eq!(
+        (r.status, r.msg().as_deref()),
+        (400, Some("Invalid Host header"))
+    );
+    // HTTP/1.0 needs no Host.
+    let r = raw_request(s.gw.addr, b"GET /public/x HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    // An absolute-form target's authority replaces Host (RFC 9112 §3.2.2).
+    let r = raw_request(
+        s.gw.addr,
+        b"GET http://named.example/public/x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    assert_eq!(echo.values("host"), ["named.example"]);
+    assert_eq!(echo.values("x-forwarded-host"), ["named.example"]);
+    assert_eq!(s.upstream.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_host_must_match_authority_and_cookies_are_joined() {
+    let s = Stack::start().await;
+    let (mut sender, _conn) = h2_connect(s.gw.addr).await;
+    let request = hyper::Request::builder()
+        .uri(format!("http://{}/public/x", s.gw.addr))
+        .header("host", "evil.example")
+        .body(http_body_util::Empty::new().boxed())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 400);
+
+    let request = hyper::Request::builder()
+        .uri(format!("http://{}/public/x", s.gw.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::Empty::new().boxed())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let echo = Echo::parse(&serde_json::from_slice(&body).unwrap());
+    assert_eq!(echo.values("cookie"), ["a=1; b=2"]);
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_are_501_and_never_forwarded() {
+    let s = Stack::start().await;
+    for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+        let request = format!(
+            "POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let r = raw_request(s.gw.addr, request.as_bytes()).await;
+        assert_eq!(r.status, 501, "{coding}: {}", r.head);
+    }
+    assert_eq!(s.upstream.hits(), 0);
+    // Plain chunked still works.
+    let r = raw_request(
+        s.gw.addr,
+        b"POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

@@ -314,15 +314,33 @@ fn upstream_uri(route: &RouteConfig, path: &str, original: &Uri) -> Result<Uri, 
         .map_err(|e| RequestError::Internal(format!("upstream uri: {e}")))
 }
 
-/// HTTP/2 carries the host in `:authority`; an HTTP/1.1 upstream needs it as `Host`. Must run
-/// before the URI is rewritten to the upstream's. The client's host is kept (as Envoy does),
-/// so virtual-hosted back ends see the name the client used.
+/// The host the client asked for, as the HTTP/1.1 upstream's `Host`. Must run before the URI
+/// is rewritten to the upstream's. The client's host is kept (as Envoy does), so
+/// virtual-hosted back ends see the name the client used: HTTP/2's `:authority` (the gateway
+/// has checked that a `Host` sent with it agrees), or the authority of an HTTP/1
+/// absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
+///
+/// Also joins HTTP/2's split `cookie` fields into the one `Cookie` line HTTP/1.1 allows
+/// (RFC 9113 §8.2.3).
 fn keep_client_host<B>(request: &mut Request<B>) {
-    if !request.headers().contains_key(header::HOST)
-        && let Some(authority) = request.uri().authority()
+    if let Some(authority) = request.uri().authority()
         && let Ok(value) = HeaderValue::from_str(authority.as_str())
     {
         request.headers_mut().insert(header::HOST, value);
+    }
+    if request.version() == Version::HTTP_2 {
+        let headers = request.headers_mut();
+        let mut cookies = headers.get_all(header::COOKIE).iter();
+        if cookies.next().is_some() && cookies.next().is_some() {
+            let joined: Vec<&[u8]> = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect();
+            if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+                headers.insert(header::COOKIE, value);
+            }
+        }
     }
 }
 
