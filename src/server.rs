@@ -174,6 +174,8 @@ async fn serve<F, Fut>(
     let builder = Arc::new(builder);
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut last_accept_error = None;
+    let mut failed_accepts = 0u64;
 
     loop {
         // Past max_connections, stop accepting: new connections wait in the kernel backlog
@@ -189,7 +191,13 @@ async fn serve<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::error!(%error, "accept failed; retrying");
+                    // Out of file descriptors repeats every retry: say so once a second at most.
+                    failed_accepts += 1;
+                    if last_accept_error.is_none_or(|at: tokio::time::Instant| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::error!(%error, failures = failed_accepts, "accept failed; retrying");
+                        last_accept_error = Some(tokio::time::Instant::now());
+                        failed_accepts = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -757,6 +757,7 @@ async fn connection_cannot_remove_the_request_id() {
 async fn odd_subjects_in_correctly_signed_tokens_are_401_invalid_token() {
     let s = Stack::start().await;
     for sub in [
+        "ALICE",
         "alice\r\nx-auth-user: admin",
         "alice\n",
         "al\0ice",

@@ -256,8 +256,9 @@ impl Tokens {
         };
 
         // The subject becomes the identity header: a name that could not be one (CR, LF, NUL,
-        // too long) is a token we refuse, not a request we fail on later.
-        if !super::is_valid_username(&sub) {
+        // too long) is a token we refuse, not a request we fail on later. Names are issued
+        // lowercased; an upper-case one would reach a case-sensitive back end as another user.
+        if !super::is_valid_username(&sub) || sub.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(TokenError::Invalid("Invalid subject"));
         }
 
