@@ -227,7 +227,7 @@ fn router() -> &'static Router {
     static ROUTER: OnceLock<Router> = OnceLock::new();
     ROUTER.get_or_init(|| {
         let routes: Vec<_> = TABLE.iter().map(|&(p, a)| route(p, a, false, "")).collect();
-        Router::new(&routes)
+        Router::new(routes)
     })
 }
 
@@ -387,7 +387,7 @@ pub fn check_config_parse(data: &[u8]) {
     );
 
     assert!(!config.routes.is_empty(), "no routes accepted");
-    let router = Router::new(&config.routes);
+    let router = Router::new(config.routes.clone());
     for (i, r) in config.routes.iter().enumerate() {
         assert_eq!(
             canonicalize(&r.path).as_deref(),

@@ -83,7 +83,7 @@ pub struct AdminConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// `store.url`: which backend.
     pub url: StoreUrl,
@@ -140,7 +140,7 @@ pub struct IdentityConfig {
 }
 
 /// `[passwords]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PasswordConfig {
     /// `passwords.memory_kib` (default 19456, OWASP).
     pub memory_kib: u32,
@@ -290,6 +290,15 @@ impl Config {
     /// Reads and validates the file at `path`, resolving `${VAR}` from the process
     /// environment and `secret_file` relative to the working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with(path, &|name| std::env::var(name).ok())
+    }
+
+    /// Reads and validates the file at `path`, resolving `${VAR}` with `env` (the reloader
+    /// and tests pass their own).
+    pub fn load_with(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             file: path.to_path_buf(),
             errors: vec![ConfigError {
@@ -298,7 +307,7 @@ impl Config {
                 message: format!("cannot read file: {e}"),
             }],
         })?;
-        Config::parse(&text, path, &|name| std::env::var(name).ok())
+        Config::parse(&text, path, env)
     }
 
     /// Validates TOML text. `env` resolves `${VAR}`; tests pass a closure instead of touching

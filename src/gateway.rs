@@ -8,53 +8,40 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
-use ipnet::IpNet;
 use tokio::sync::watch;
 
 use crate::auth::endpoints::Endpoint;
-use crate::auth::token::TokenType;
-use crate::auth::{Auth, SessionWatch};
+use crate::auth::{Auth, Identity, SessionWatch};
 use crate::body::Body;
-use crate::config::{AuthMode, Config};
 use crate::connection::Connection;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
-use crate::proxy::headers::{IdentityHeaders, client_ip, is_trusted};
+use crate::policy::Policy;
+use crate::proxy::headers::{client_ip, is_trusted};
 use crate::proxy::{Caller, Proxy};
-use crate::routes::{self, Router};
+use crate::routes;
 
 /// `X-Request-Id`: generated for every request, sent upstream and back to the client, and
 /// written in the access log, so one id follows a request through every hop.
 use crate::proxy::headers::X_REQUEST_ID as REQUEST_ID;
 
-/// Everything a request needs, built once at startup.
+/// The per-request service: long-lived parts built once, plus the current [`Policy`], which a
+/// reload swaps whole.
 #[derive(Debug)]
 pub struct Gateway {
-    router: Router,
-    identity: IdentityHeaders,
-    trusted_proxies: Vec<IpNet>,
     auth: Auth,
     proxy: Proxy,
     metrics: Arc<Metrics>,
     ids: RequestIds,
-    upgrade_recheck: Duration,
-    labels: Labels,
-    /// `server.max_target_bytes`: longer request targets (path and query) are 414.
-    max_target: usize,
-    /// `server.max_header_bytes`: more header bytes (names, values, `: ` and CRLF) are 431.
-    max_headers: usize,
-}
-
-/// Metrics labels for the proxied path, built once: one per route (in [`Router::routes`]
-/// order) and one for requests that matched nothing. (Auth endpoints build theirs per request;
-/// next to an argon2 hash the allocation is noise.)
-#[derive(Debug)]
-struct Labels {
-    routes: Vec<Arc<str>>,
+    /// What the config decides. Each request loads it once and keeps that snapshot to the end.
+    policy: ArcSwap<Policy>,
+    /// The metrics label of requests that matched no route.
     unmatched: Arc<str>,
 }
 
@@ -103,36 +90,32 @@ impl Drop for AccessLog<'_> {
 }
 
 impl Gateway {
-    /// Compiles routes and header rules from the config; upgraded connections close when
-    /// `stop` turns true.
+    /// A gateway applying `policy`; upgraded connections close when `stop` turns true.
     pub fn new(
-        config: &Config,
+        policy: Policy,
         auth: Auth,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Gateway {
-        let router = Router::new(&config.routes);
-        let labels = Labels {
-            routes: router
-                .routes()
-                .iter()
-                .map(|r| Arc::from(r.path.as_str()))
-                .collect(),
-            unmatched: Arc::from("-"),
-        };
         Gateway {
-            labels,
-            router,
-            identity: IdentityHeaders::new(&config.identity),
-            trusted_proxies: config.server.trusted_proxies.clone(),
             auth,
-            proxy: Proxy::new(&config.routes, &config.server, stop),
-            upgrade_recheck: config.server.upgrade_recheck,
-            max_target: config.server.max_target_bytes,
-            max_headers: config.server.max_header_bytes,
+            proxy: Proxy::new(stop),
             metrics,
             ids: RequestIds::new(),
+            policy: ArcSwap::from_pointee(policy),
+            unmatched: Arc::from("-"),
         }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every request that starts from now on; requests in flight
+    /// finish on the one they started with.
+    pub fn swap_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// Answers one request; never fails (failures are responses).
@@ -151,7 +134,7 @@ impl Gateway {
             // has been handed on.
             uri: request.uri().clone(),
             outcome: Outcome {
-                route: self.labels.unmatched.clone(),
+                route: self.unmatched.clone(),
                 user: None,
             },
             status: None,
@@ -189,27 +172,34 @@ impl Gateway {
         response
     }
 
+    /// The request's phases, in order: check the head, match the route (or auth endpoint),
+    /// authorize, forward. The policy is loaded once, here.
     async fn dispatch(
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, RequestError> {
+        let policy = self.policy.load_full();
+        let limits = &policy.limits;
         let target_len = request
             .uri()
             .path_and_query()
             .map_or(0, |pq| pq.as_str().len());
-        if target_len > self.max_target {
+        if target_len > limits.max_target {
             return Err(RequestError::UriTooLong);
         }
-        check_head(&request, self.max_headers)?;
+        check_head(&request, limits.max_headers)?;
         let path =
             routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
         if let Some(endpoint) = Endpoint::from_path(&path) {
             outcome.route = Arc::from(endpoint.name());
-            let client = client_ip(request.headers(), peer.ip(), &self.trusted_proxies);
-            let (response, user) = self.auth.endpoint(endpoint, request, client).await?;
+            let client = client_ip(request.headers(), peer.ip(), &policy.trusted_proxies);
+            let (response, user) = self
+                .auth
+                .endpoint(&policy, endpoint, request, client)
+                .await?;
             outcome.user = user;
             return Ok(response);
         }
@@ -221,36 +211,33 @@ impl Gateway {
                 allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
             });
         }
-        let index = self.router.find_index(&path).ok_or(RequestError::NoRoute)?;
-        let route = &self.router.routes()[index];
-        if let Some(label) = self.labels.routes.get(index) {
-            outcome.route = label.clone();
-        }
-        let mut session = None;
-        let upgrade = self.proxy.requested_upgrade(&request);
-        let user = match route.auth {
-            AuthMode::Required => {
-                let claims = self
-                    .auth
-                    .authenticate(request.headers(), TokenType::Access)
-                    .await?;
-                if upgrade.is_some() {
-                    session = Some(SessionWatch::new(&self.auth, &claims, self.upgrade_recheck));
-                }
-                outcome.user = Some(claims.sub);
-                outcome.user.as_deref()
-            }
-            AuthMode::Public => None,
+        let route = policy.routes.find(&path).ok_or(RequestError::NoRoute)?;
+        outcome.route = route.label.clone();
+        let identity = self
+            .auth
+            .authorize(&policy, route, request.headers())
+            .await?;
+        outcome.user = identity.user().map(str::to_owned);
+        let upgrade = policy.requested_upgrade(&request);
+        // A tunnel outlives its request: on a protected route it keeps checking the token.
+        let session = match (&identity, &upgrade) {
+            (Identity::User(claims), Some(_)) => Some(SessionWatch::new(
+                &self.auth.store,
+                &policy.tokens,
+                claims,
+                limits.upgrade_recheck,
+            )),
+            _ => None,
         };
         let caller = Caller {
             peer: peer.ip(),
-            trusted: is_trusted(peer.ip(), &self.trusted_proxies),
-            user,
+            trusted: is_trusted(peer.ip(), &policy.trusted_proxies),
+            identity: &identity,
             upgrade,
             session,
         };
         self.proxy
-            .forward(request, route, &path, &self.identity, caller)
+            .forward(request, route, &path, &policy, caller)
             .await
     }
 }

@@ -18,7 +18,10 @@
 //! - [`server`]: listeners, connection handling, graceful shutdown.
 //! - [`framing`]: refuses requests with ambiguous HTTP/1 framing (request smuggling).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on their own listener.
-//! - [`gateway`]: the per-request service and access log.
+//! - [`connection`]: what one client connection shares with its requests (slot, streams).
+//! - [`gateway`]: the per-request service and access log; holds the current policy.
+//! - [`policy`]: the compiled config (route table, keys, limits), swapped whole on reload.
+//! - [`reload`]: watches the config file and SIGHUP, and swaps in a new policy.
 //! - [`error`]: the one error enum and its one mapping to responses.
 //! - [`routes`]: path canonicalisation and route matching. Pure.
 //! - [`auth`]: tokens, password hashing, the store and the auth endpoints.
@@ -37,8 +40,10 @@ pub mod error;
 pub mod framing;
 pub mod gateway;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 
-pub use server::{Listeners, run};
+pub use server::{Listeners, run, run_with_reload};

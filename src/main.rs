@@ -61,7 +61,13 @@ fn main() -> ExitCode {
                     server: bind(config.server.listen, "server.listen").await?,
                     admin: bind(config.admin.listen, "admin.listen").await?,
                 };
-                keycard::run(config, listeners, shutdown_signal())
+                let reload = keycard::reload::ReloadSource {
+                    path: cli.config.clone(),
+                    env: std::sync::Arc::new(|name: &str| std::env::var(name).ok()),
+                    poll_every: RELOAD_POLL,
+                    triggers: hangups(),
+                };
+                keycard::run_with_reload(config, listeners, shutdown_signal(), Some(reload))
                     .await
                     .map_err(|e| e.to_string())
             })
@@ -161,6 +167,30 @@ fn init_logging() {
 }
 
 /// Resolves on SIGTERM or SIGINT; the gateway then drains and exits 0.
+/// How often the config file is checked for a change (a stat call; see `keycard::reload`).
+const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One message per SIGHUP: reload the config, changed or not.
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config");
+                    // A reload already queued covers this one too.
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reload on file change only")
+        }
+    }
+    rx
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {

@@ -4,11 +4,13 @@
 //! name (never the request path), so a scan of random URLs cannot grow the series count.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +30,13 @@ struct FailureLabels {
     reason: &'static str,
 }
 
+/// Labels of `keycard_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    /// `ok` or `error`.
+    result: &'static str,
+}
+
 /// The registry and the handles the request path updates; shared behind an `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -35,6 +44,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Histogram,
     auth_failures: Family<FailureLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    last_reload_success: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -66,12 +77,28 @@ impl Metrics {
             "Requests refused by authentication, by reason",
             auth_failures.clone(),
         );
-        Metrics {
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result (ok, or error: the file was rejected and the old one kept)",
+            reloads.clone(),
+        );
+        let last_reload_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded (Unix time): at startup, then at each good reload",
+            last_reload_success.clone(),
+        );
+        let metrics = Metrics {
             registry,
             requests,
             duration,
             auth_failures,
-        }
+            reloads,
+            last_reload_success,
+        };
+        metrics.last_reload_success.set(unix_now());
+        metrics
     }
 
     /// Counts one answered request.
@@ -92,6 +119,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one config reload; a good one also stamps the time.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        if ok {
+            self.last_reload_success.set(unix_now());
+        }
+    }
+
     /// The Prometheus text exposition of everything registered.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -99,4 +135,11 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Seconds since the Unix epoch, as Prometheus timestamps are written.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

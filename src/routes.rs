@@ -182,26 +182,27 @@ fn segment_prefix_len(prefix: &str, path: &str) -> Option<usize> {
     }
 }
 
-/// The compiled route table.
+/// A route table in matching order: any route type that can show its [`RouteConfig`].
 ///
-/// Why a type: sorting and trimming happen once at startup, and every request then does a
-/// single linear scan with no allocation.
+/// Why a type: sorting and trimming happen once, and every request then does a single linear
+/// scan with no allocation. Generic so that the gateway's compiled routes (which carry their
+/// upstream client and metrics label, see [`crate::policy::Route`]) and plain configs (the
+/// fuzz target) match by the same code.
 #[derive(Debug, Clone)]
-pub struct Router {
+pub struct Router<R = RouteConfig> {
     /// Routes ordered by descending (trimmed) prefix length; ties keep file order, so the
     /// first of two identical prefixes wins deterministically.
-    routes: Vec<RouteConfig>,
+    routes: Vec<R>,
 }
 
-impl Router {
-    /// Compiles the table from the config's routes (any order).
+impl<R: AsRef<RouteConfig>> Router<R> {
+    /// Builds the table from routes in any order.
     ///
     /// Why precompute: sorting by descending prefix length means the first match in a scan
     /// is the longest, i.e. the most specific route.
-    pub fn new(routes: &[RouteConfig]) -> Router {
-        let mut routes = routes.to_vec();
+    pub fn new(mut routes: Vec<R>) -> Router<R> {
         // Stable sort: equal lengths keep their file order.
-        routes.sort_by_key(|r| std::cmp::Reverse(trimmed_prefix(&r.path).len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(trimmed_prefix(&r.as_ref().path).len()));
         Router { routes }
     }
 
@@ -211,21 +212,21 @@ impl Router {
     /// ended mid-segment would let `/adminpanel` fall under `/admin`'s policy (or, worse,
     /// `/admin` escape it). `/` matches everything. The path must already be canonical
     /// (see [`canonicalize`]); `None` means the gateway answers 404.
-    pub fn find(&self, path: &str) -> Option<&RouteConfig> {
-        self.find_index(path).map(|i| &self.routes[i])
-    }
-
-    /// Like [`Router::find`], as a position in [`Router::routes`], so callers can keep
-    /// per-route data (metrics labels) in a parallel table instead of building it per request.
-    pub fn find_index(&self, path: &str) -> Option<usize> {
+    pub fn find(&self, path: &str) -> Option<&R> {
         self.routes
             .iter()
-            .position(|r| segment_prefix_len(&r.path, path).is_some())
+            .find(|r| segment_prefix_len(&r.as_ref().path, path).is_some())
     }
 
     /// The routes in matching order (most specific first), for `keycard check` and logs.
-    pub fn routes(&self) -> &[RouteConfig] {
+    pub fn routes(&self) -> &[R] {
         &self.routes
+    }
+}
+
+impl AsRef<RouteConfig> for RouteConfig {
+    fn as_ref(&self) -> &RouteConfig {
+        self
     }
 }
 
@@ -422,7 +423,7 @@ mod tests {
 
     #[test]
     fn longest_whole_segment_prefix_wins() {
-        let router = Router::new(&[
+        let router = Router::new(vec![
             route("/", AuthMode::Public),
             route("/api/admin", AuthMode::Required),
             route("/api", AuthMode::Public),
@@ -449,16 +450,16 @@ mod tests {
 
     #[test]
     fn no_catch_all_means_no_match() {
-        let router = Router::new(&[route("/api", AuthMode::Public)]);
+        let router = Router::new(vec![route("/api", AuthMode::Public)]);
         assert!(router.find("/").is_none());
         assert!(router.find("/apix").is_none());
         assert!(router.find("/other").is_none());
-        assert!(Router::new(&[]).find("/").is_none());
+        assert!(Router::<RouteConfig>::new(vec![]).find("/").is_none());
     }
 
     #[test]
     fn trailing_slash_in_route_prefix_is_tolerated() {
-        let router = Router::new(&[route("/api/", AuthMode::Public)]);
+        let router = Router::new(vec![route("/api/", AuthMode::Public)]);
         assert!(router.find("/api").is_some());
         assert!(router.find("/api/x").is_some());
         assert!(router.find("/apix").is_none());
@@ -466,7 +467,7 @@ mod tests {
 
     #[test]
     fn equal_prefixes_keep_file_order() {
-        let router = Router::new(&[
+        let router = Router::new(vec![
             route("/a", AuthMode::Required),
             route("/a", AuthMode::Public),
         ]);
@@ -481,7 +482,7 @@ mod tests {
 
     #[test]
     fn public_prefix_cannot_reach_protected_catch_all() {
-        let router = Router::new(&[
+        let router = Router::new(vec![
             route("/", AuthMode::Required),
             route("/public", AuthMode::Public),
         ]);
@@ -512,7 +513,7 @@ mod tests {
 
     #[test]
     fn protected_prefix_cannot_be_dodged_through_public_catch_all() {
-        let router = Router::new(&[
+        let router = Router::new(vec![
             route("/", AuthMode::Public),
             route("/admin", AuthMode::Required),
         ]);
@@ -587,7 +588,7 @@ mod tests {
             "/", "//", "admin", "%61dmin", "adm%69n", ".", "..", "%2e", "%2E", "%2f", "%5C", "\\",
             ";", "%3b", "%00", "%", "%zz", "%25", "%41", "%c3", "x", "?",
         ];
-        let router = Router::new(&[
+        let router = Router::new(vec![
             route("/", AuthMode::Public),
             route("/admin", AuthMode::Required),
         ]);

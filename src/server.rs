@@ -32,6 +32,8 @@ use crate::connection::{Connection, StreamGuard};
 use crate::framing::{ConnectionFlags, Guarded};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::reload::ReloadSource;
 
 /// Largest request head hyper will buffer: the header limit plus the target limit plus room
 /// for the request line. Anything larger is answered 431 by hyper itself; the gateway enforces
@@ -67,13 +69,31 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with_reload(config, listeners, shutdown, None).await
+}
+
+/// Like [`run`], and while it runs, reloads the config from `reload` (see [`crate::reload`]).
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<ReloadSource>,
+) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&config.store)?;
     let auth = Auth::new(&config, store.clone())?;
     // One signal, watched by both accept loops and by upgraded connections.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = Limits {
+        max_head: head_buffer(&config.server),
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_timeout: config.server.shutdown_timeout,
+        max_connections: config.server.max_connections,
+        h2_idle_timeout: config.server.h2_idle_timeout,
+    };
+    let routes = config.routes.len();
     let gateway = Arc::new(Gateway::new(
-        &config,
+        Policy::compile(config, None),
         auth,
         metrics.clone(),
         stop_rx.clone(),
@@ -82,18 +102,19 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    if let Some(source) = reload {
+        tokio::spawn(crate::reload::watch(
+            source,
+            Arc::clone(&gateway),
+            Arc::clone(&metrics),
+            stop_rx.clone(),
+        ));
+    }
 
-    let limits = Limits {
-        max_head: head_buffer(&config.server),
-        header_read_timeout: config.server.header_read_timeout,
-        shutdown_timeout: config.server.shutdown_timeout,
-        max_connections: config.server.max_connections,
-        h2_idle_timeout: config.server.h2_idle_timeout,
-    };
     tracing::info!(
         listen = %local(&listeners.server),
         admin = %local(&listeners.admin),
-        routes = config.routes.len(),
+        routes,
         "keycard started"
     );
 

@@ -13,11 +13,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::Auth;
+use super::store::Store;
 use super::store::{Attempt, Reservation, Subject};
 use super::token::{IssuedPair, TokenType};
+use super::{Auth, verify_bearer};
 use crate::body::{self, Body};
+use crate::config::ThrottleConfig;
 use crate::error::RequestError;
+use crate::policy::Policy;
 
 /// The endpoints keycard answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,18 +89,21 @@ impl Auth {
     /// [`crate::proxy::headers::client_ip`]); login failures are counted against it.
     pub async fn endpoint(
         &self,
+        policy: &Policy,
         endpoint: Endpoint,
         request: Request<Incoming>,
         client: IpAddr,
     ) -> Result<(Response<Body>, Option<String>), RequestError> {
         endpoint.allows(request.method())?;
+        let (tokens, throttle, limits) = (&policy.tokens, &policy.throttle, &policy.limits);
         match endpoint {
             Endpoint::Register => {
                 let creds =
-                    read_credentials(request, self.max_body, self.body_read_timeout).await?;
+                    read_credentials(request, limits.max_auth_body, limits.body_read_timeout)
+                        .await?;
                 // Throttled per address like /login: a 409 answers "does this name exist?",
                 // so each one counts as a failed attempt.
-                let subjects = vec![self.address_subject(client)];
+                let subjects = vec![address_subject(&self.store, throttle, client)];
                 let (_, reservation) = self.begin(subjects, None).await?;
                 let (passwords, store) = (self.passwords.clone(), self.store.clone());
                 let username = creds.username.clone();
@@ -116,16 +122,17 @@ impl Auth {
             }
             Endpoint::Login => {
                 let creds =
-                    read_credentials(request, self.max_body, self.body_read_timeout).await?;
+                    read_credentials(request, limits.max_auth_body, limits.body_read_timeout)
+                        .await?;
                 // The address first: a throttled address counts nothing, not even against
                 // the names it tries, so it can neither fill the store nor lock users out.
                 let subjects = vec![
-                    self.address_subject(client),
+                    address_subject(&self.store, throttle, client),
                     self.store.subject(
                         "user",
                         &creds.username,
-                        self.throttle.user_limit,
-                        self.throttle.user_window,
+                        throttle.user_limit,
+                        throttle.user_window,
                         true,
                     ),
                 ];
@@ -146,15 +153,15 @@ impl Auth {
                 if !valid {
                     return Err(RequestError::BadCredentials);
                 }
-                let pair = self.tokens.issue_pair(&creds.username)?;
+                let pair = tokens.issue_pair(&creds.username)?;
                 Ok((token_response(&pair), Some(creds.username)))
             }
             Endpoint::Logout => {
                 let claims = self
-                    .authenticate(request.headers(), TokenType::Access)
+                    .authenticate(tokens, request.headers(), TokenType::Access)
                     .await?;
                 self.store
-                    .revoke(&claims.jti, self.tokens.revocation_ttl(&claims))
+                    .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?;
                 Ok((
                     body::json_msg(StatusCode::OK, "Token revoked"),
@@ -162,35 +169,35 @@ impl Auth {
                 ))
             }
             Endpoint::Refresh => {
-                let claims = self.verify_bearer(request.headers(), TokenType::Refresh)?;
+                let claims = verify_bearer(tokens, request.headers(), TokenType::Refresh)?;
                 // Revoking with SET NX both checks and rotates in one round trip: of two
                 // racing uses of one refresh token, exactly one gets a new pair.
                 if !self
                     .store
-                    .revoke(&claims.jti, self.tokens.revocation_ttl(&claims))
+                    .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?
                 {
                     return Err(RequestError::Revoked);
                 }
-                let pair = self.tokens.issue_pair(&claims.sub)?;
+                let pair = tokens.issue_pair(&claims.sub)?;
                 Ok((token_response(&pair), Some(claims.sub)))
             }
         }
     }
 }
 
-impl Auth {
-    /// The client address as a throttle subject (`throttle.address_*`).
-    fn address_subject(&self, client: IpAddr) -> Subject {
-        self.store.subject(
-            "addr",
-            &client.to_string(),
-            self.throttle.address_limit,
-            self.throttle.address_window,
-            false,
-        )
-    }
+/// The client address as a throttle subject (`throttle.address_*`).
+fn address_subject(store: &Store, throttle: &ThrottleConfig, client: IpAddr) -> Subject {
+    store.subject(
+        "addr",
+        &client.to_string(),
+        throttle.address_limit,
+        throttle.address_window,
+        false,
+    )
+}
 
+impl Auth {
     /// Begins a throttled attempt: its reservation (and the user's hash, when `user` is
     /// given), or 429. A 429 counts nothing. It says which kind it is: failures at the limit
     /// last until the window ends; attempts in flight at the limit clear by themselves.

@@ -6,7 +6,7 @@
 //! - [`endpoints`]: `/register`, `/login`, `/logout`, `/refresh`.
 //!
 //! [`Auth`] ties them together; the gateway holds one and asks it either to answer an auth
-//! endpoint or to turn a request's `Authorization` header into verified [`token::Claims`].
+//! endpoint or, through [`Auth::authorize`], to decide a request's [`Identity`].
 
 pub mod endpoints;
 pub mod password;
@@ -17,50 +17,96 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, header};
 
-use crate::config::{Config, ThrottleConfig};
+use crate::config::{AuthMode, Config};
 use crate::error::RequestError;
+use crate::policy::{Policy, Route};
+use crate::proxy::headers::IdentityHeaders;
 use password::Passwords;
 use store::Store;
 use token::{Claims, TokenType, Tokens};
 
-/// Keys, hasher and store, built once at startup and shared by every request.
+/// The hasher and the store: built once at startup, shared by every request and kept across
+/// reloads. What the config decides (keys, throttle limits, body limits) comes with each call
+/// from the current [`Policy`].
 #[derive(Debug)]
 pub struct Auth {
-    /// Signs and verifies tokens with keys built once.
-    pub tokens: Tokens,
     /// Bounded argon2id hashing.
     pub passwords: Passwords,
-    /// Users and revocations.
+    /// Users, revocations and throttle counters.
     pub store: Store,
-    /// Failed-login limits.
-    pub throttle: ThrottleConfig,
-    /// `server.max_auth_body_bytes`: the largest body an auth endpoint reads.
-    pub max_body: usize,
-    /// `server.body_read_timeout`: how long an auth endpoint waits for its whole body.
-    pub body_read_timeout: Duration,
+}
+
+/// Who a request is, as decided by [`Auth::authorize`].
+#[derive(Debug)]
+pub enum Identity {
+    /// Nobody: a public route. No identity header is written.
+    Anonymous,
+    /// A verified, unrevoked access token.
+    User(Claims),
+}
+
+impl Identity {
+    /// The user name, for the identity header and the access log.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Identity::Anonymous => None,
+            Identity::User(claims) => Some(&claims.sub),
+        }
+    }
+
+    /// Writes this identity into a request about to be forwarded, by `rules`: the user header
+    /// for a user, nothing for anonymous. Runs after the client's identity headers were
+    /// stripped (see [`crate::proxy::headers`] for the order).
+    pub fn write_headers(
+        &self,
+        rules: &IdentityHeaders,
+        headers: &mut HeaderMap,
+    ) -> Result<(), RequestError> {
+        match self.user() {
+            Some(user) => rules
+                .inject(headers, user)
+                .map_err(|e| RequestError::Internal(format!("identity header: {e}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Auth {
-    /// Builds keys and the hasher from the config around an already-opened store.
+    /// Builds the hasher around an already-opened store.
     pub fn new(config: &Config, store: Store) -> Result<Auth, password::PasswordError> {
         Ok(Auth {
-            tokens: Tokens::new(&config.tokens),
             passwords: Passwords::new(&config.passwords)?,
             store,
-            throttle: config.throttle.clone(),
-            max_body: config.server.max_auth_body_bytes,
-            body_read_timeout: config.server.body_read_timeout,
         })
+    }
+
+    /// Decides who may pass `route`: the one place that says "who is this, and may they pass",
+    /// for the proxy path (and, later, a forward-auth endpoint). Public routes pass anyone
+    /// as [`Identity::Anonymous`]; required ones need a valid, unrevoked access token.
+    pub async fn authorize(
+        &self,
+        policy: &Policy,
+        route: &Route,
+        headers: &HeaderMap,
+    ) -> Result<Identity, RequestError> {
+        match route.policy {
+            AuthMode::Public => Ok(Identity::Anonymous),
+            AuthMode::Required => Ok(Identity::User(
+                self.authenticate(&policy.tokens, headers, TokenType::Access)
+                    .await?,
+            )),
+        }
     }
 
     /// Verifies the bearer token in `headers` and checks it is not revoked: the whole
     /// per-request cost of authentication, one store round trip at most.
     pub async fn authenticate(
         &self,
+        tokens: &Tokens,
         headers: &HeaderMap,
         expected: TokenType,
     ) -> Result<Claims, RequestError> {
-        let claims = self.verify_bearer(headers, expected)?;
+        let claims = verify_bearer(tokens, headers, expected)?;
         if self
             .store
             .is_revoked(&claims.jti)
@@ -71,17 +117,17 @@ impl Auth {
         }
         Ok(claims)
     }
+}
 
-    /// Checks the `Authorization` header's shape and the token's signature and claims, without
-    /// touching the store.
-    pub fn verify_bearer(
-        &self,
-        headers: &HeaderMap,
-        expected: TokenType,
-    ) -> Result<Claims, RequestError> {
-        let token = bearer_token(headers)?;
-        Ok(self.tokens.verify(token, expected)?)
-    }
+/// Checks the `Authorization` header's shape and the token's signature and claims, without
+/// touching the store.
+pub fn verify_bearer(
+    tokens: &Tokens,
+    headers: &HeaderMap,
+    expected: TokenType,
+) -> Result<Claims, RequestError> {
+    let token = bearer_token(headers)?;
+    Ok(tokens.verify(token, expected)?)
 }
 
 /// Watches a session that outlives its request — an upgraded (WebSocket) connection — so it
@@ -98,11 +144,11 @@ pub struct SessionWatch {
 
 impl SessionWatch {
     /// A watch on the token behind `claims`, rechecked for revocation every `recheck`.
-    pub fn new(auth: &Auth, claims: &Claims, recheck: Duration) -> SessionWatch {
+    pub fn new(store: &Store, tokens: &Tokens, claims: &Claims, recheck: Duration) -> SessionWatch {
         SessionWatch {
-            store: auth.store.clone(),
+            store: store.clone(),
             jti: claims.jti.clone(),
-            ends_at: auth.tokens.accepted_until(claims),
+            ends_at: tokens.accepted_until(claims),
             recheck,
         }
     }

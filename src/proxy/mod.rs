@@ -20,44 +20,27 @@ pub mod request_body;
 use std::error::Error as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 
-use crate::auth::SessionWatch;
+use crate::auth::{Identity, SessionWatch};
 use crate::body::{self, Body};
 use crate::config::RouteConfig;
 use crate::connection::Connection;
 use crate::error::RequestError;
-use headers::IdentityHeaders;
+use crate::policy::{Policy, Route};
 use request_body::{ClientBody, Fault};
 
-/// Idle upstream connections are closed after this long. Kept below the common upstream
-/// keep-alive timeouts (nginx 75 s, Node 5 s is the outlier) so we rarely reuse a connection
-/// the upstream is about to close.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// Cap on idle connections kept per upstream host.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
-
-/// The pooled upstream clients. Routes that share a connect timeout (usually all of them)
-/// share one client and so one connection pool.
+/// Forwards requests to their route's upstream (each route carries its own pooled client,
+/// see [`crate::policy::Route`]) and runs the tunnels upgrades become.
 #[derive(Debug)]
 pub struct Proxy {
-    clients: Vec<(Duration, Client<HttpConnector, ClientBody>)>,
-    /// `server.body_idle_timeout`: a request body that stalls this long is cut.
-    body_idle_timeout: Duration,
-    /// `server.upgrade_protocols`, lowercased: the only protocols ever tunnelled.
-    upgrade_protocols: Vec<String>,
     /// Turns true at shutdown; open tunnels close then.
     stop: watch::Receiver<bool>,
 }
@@ -69,124 +52,44 @@ pub struct Caller<'a> {
     pub peer: IpAddr,
     /// Whether the peer is in `server.trusted_proxies`.
     pub trusted: bool,
-    /// The verified username, on required routes.
-    pub user: Option<&'a str>,
-    /// The upgrade to forward, from [`Proxy::requested_upgrade`]; `None` for plain HTTP.
+    /// Who the caller is, as [`crate::auth::Auth::authorize`] decided.
+    pub identity: &'a Identity,
+    /// The upgrade to forward, from [`Policy::requested_upgrade`]; `None` for plain HTTP.
     pub upgrade: Option<HeaderValue>,
     /// For an upgrade on a protected route: when the session must end.
     pub session: Option<SessionWatch>,
 }
 
 impl Proxy {
-    /// Builds one client per distinct connect timeout among `routes`; tunnels only
-    /// `upgrade_protocols` and closes them when `stop` turns true.
-    pub fn new(
-        routes: &[RouteConfig],
-        server: &crate::config::ServerConfig,
-        stop: watch::Receiver<bool>,
-    ) -> Proxy {
-        let mut clients: Vec<(Duration, Client<HttpConnector, ClientBody>)> = Vec::new();
-        for route in routes {
-            if clients.iter().any(|(t, _)| *t == route.connect_timeout) {
-                continue;
-            }
-            let mut connector = HttpConnector::new();
-            connector.set_connect_timeout(Some(route.connect_timeout));
-            connector.set_nodelay(true);
-            let client = Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-                .build(connector);
-            clients.push((route.connect_timeout, client));
-        }
-        Proxy {
-            clients,
-            body_idle_timeout: server.body_idle_timeout,
-            upgrade_protocols: server.upgrade_protocols.clone(),
-            stop,
-        }
-    }
-
-    /// The upgrade a request asks for and keycard will tunnel: an HTTP/1.1 request with an
-    /// `upgrade` token in `Connection` (RFC 9110 §7.8), and of the protocols its `Upgrade`
-    /// offers those on `server.upgrade_protocols`. `None` means the request is served as plain
-    /// HTTP/1.1 (its `Upgrade` goes with the other hop-by-hop headers). HTTP/2 has no such
-    /// mechanism.
-    pub fn requested_upgrade<B>(&self, request: &Request<B>) -> Option<HeaderValue> {
-        if request.version() != Version::HTTP_11 || self.upgrade_protocols.is_empty() {
-            return None;
-        }
-        let asks = request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-        if !asks {
-            return None;
-        }
-        let mut offered = Vec::new();
-        for protocol in request
-            .headers()
-            .get_all(header::UPGRADE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-        {
-            if self.is_allowed(protocol) {
-                if !offered.is_empty() {
-                    offered.extend_from_slice(b", ");
-                }
-                offered.extend_from_slice(protocol);
-            }
-        }
-        HeaderValue::from_bytes(&offered)
-            .ok()
-            .filter(|_| !offered.is_empty())
-    }
-
-    /// Whether one `Upgrade` protocol (`name` or `name/version`) is on the allow-list, which
-    /// may name either form.
-    fn is_allowed(&self, protocol: &[u8]) -> bool {
-        let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
-        self.upgrade_protocols.iter().any(|allowed| {
-            allowed.as_bytes().eq_ignore_ascii_case(protocol)
-                || allowed.as_bytes().eq_ignore_ascii_case(name)
-        })
+    /// A proxy whose tunnels close when `stop` turns true.
+    pub fn new(stop: watch::Receiver<bool>) -> Proxy {
+        Proxy { stop }
     }
 
     /// Sends `request` (whose path has been canonicalised to `path`) to `route`'s upstream.
     pub async fn forward(
         &self,
         mut request: Request<Incoming>,
-        route: &RouteConfig,
+        route: &Route,
         path: &str,
-        identity: &IdentityHeaders,
+        policy: &Policy,
         caller: Caller<'_>,
     ) -> Result<Response<Body>, RequestError> {
-        let client = self
-            .clients
-            .iter()
-            .find(|(t, _)| *t == route.connect_timeout)
-            .map(|(_, c)| c)
-            .ok_or_else(|| RequestError::Internal("no client for route".into()))?;
-
         keep_client_host(&mut request);
-        *request.uri_mut() = upstream_uri(route, path, request.uri())?;
+        *request.uri_mut() = upstream_uri(&route.config, path, request.uri())?;
         let upgrade = caller.upgrade.clone();
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let connection = request.extensions_mut().remove::<Arc<Connection>>();
-        prepare_headers(&mut request, route, identity, &caller)?;
+        prepare_headers(&mut request, route, policy, &caller)?;
         if let Some(protocol) = &upgrade {
             restore_upgrade(request.headers_mut(), protocol.clone());
         }
         *request.version_mut() = Version::HTTP_11;
         let (parts, incoming) = request.into_parts();
-        let (body, fault) = ClientBody::new(incoming, self.body_idle_timeout);
+        let (body, fault) = ClientBody::new(incoming, policy.limits.body_idle_timeout);
         let request = Request::from_parts(parts, body);
 
-        let sent = tokio::time::timeout(route.timeout, client.request(request)).await;
+        let sent = tokio::time::timeout(route.config.timeout, route.client.request(request)).await;
         // A body the client stalled or broke fails the upstream request too: that is the
         // client's error (408/400, connection closed), not the upstream's.
         match fault.as_ref().and_then(|f| f.get()) {
@@ -349,23 +252,18 @@ fn keep_client_host<B>(request: &mut Request<B>) {
 /// the gateway's own identity, which nothing after it can remove.
 fn prepare_headers(
     request: &mut Request<Incoming>,
-    route: &RouteConfig,
-    identity: &IdentityHeaders,
+    route: &Route,
+    policy: &Policy,
     caller: &Caller<'_>,
 ) -> Result<(), RequestError> {
     let headers = request.headers_mut();
     headers::remove_hop_by_hop(headers);
-    identity.strip(headers);
-    if !route.forward_token {
+    policy.identity.strip(headers);
+    if !route.config.forward_token {
         headers.remove(header::AUTHORIZATION);
     }
     headers::set_forwarded(headers, caller.peer, caller.trusted, "http");
-    if let Some(user) = caller.user {
-        identity
-            .inject(headers, user)
-            .map_err(|e| RequestError::Internal(format!("identity header: {e}")))?;
-    }
-    Ok(())
+    caller.identity.write_headers(&policy.identity, headers)
 }
 
 /// Refused, reset or unreachable is 502; a connect that timed out is 504, like nginx's

@@ -677,18 +677,44 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway and waits (bounded) until its admin `/healthz` answers 200.
     pub async fn start(opts: GatewayOpts) -> Gateway {
+        Gateway::start_with(opts, None).await
+    }
+
+    /// Starts the gateway with its config in a file it reloads from (polled every 100 ms,
+    /// and on [`ConfigFile::hup`]).
+    pub async fn start_reloadable(opts: GatewayOpts) -> (Gateway, ConfigFile) {
+        let dir = std::env::temp_dir().join(format!("keycard-reload-{}", random_jti()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keycard.toml");
+        std::fs::write(&path, opts.to_toml()).unwrap();
+        let (trigger, triggers) = tokio::sync::mpsc::channel(1);
+        let source = keycard::reload::ReloadSource {
+            path: path.clone(),
+            env: Arc::new(|name: &str| env(name)),
+            poll_every: Duration::from_millis(100),
+            triggers,
+        };
+        let gw = Gateway::start_with(opts, Some(source)).await;
+        (gw, ConfigFile { dir, path, trigger })
+    }
+
+    async fn start_with(
+        opts: GatewayOpts,
+        reload: Option<keycard::reload::ReloadSource>,
+    ) -> Gateway {
         let config = opts.config();
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(keycard::run(
+        let handle = tokio::spawn(keycard::run_with_reload(
             config,
             keycard::Listeners { server, admin },
             async move {
                 let _ = rx.await;
             },
+            reload,
         ));
         let mut gw = Gateway {
             addr,
@@ -808,6 +834,35 @@ impl Drop for Gateway {
         if let Some(h) = self.handle.take() {
             h.abort();
         }
+    }
+}
+
+/// The config file of a reloadable gateway (see [`Gateway::start_reloadable`]); its folder is
+/// removed on drop.
+pub struct ConfigFile {
+    pub dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+    trigger: tokio::sync::mpsc::Sender<()>,
+}
+
+impl ConfigFile {
+    /// Replaces the file the way editors and deploy tools do: write a new file, rename it
+    /// over the old one.
+    pub fn write(&self, text: &str) {
+        let tmp = self.dir.join("keycard.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// What SIGHUP does in the binary: reload now, changed or not.
+    pub async fn hup(&self) {
+        self.trigger.send(()).await.unwrap();
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
