@@ -50,10 +50,10 @@ pub enum RequestError {
         /// The `Allow` header value.
         allow: &'static str,
     },
-    /// The request target is longer than 8 KiB.
+    /// The request target is longer than `server.max_target_bytes`.
     #[error("URI too long")]
     UriTooLong,
-    /// The request headers add up to more than 32 KiB.
+    /// The request headers add up to more than `server.max_header_bytes`.
     #[error("Request header fields too large")]
     HeadersTooLarge,
     /// The client did not send its body in time: an auth endpoint's within

@@ -1,8 +1,9 @@
 //! Endpoints: `/register`, `/login`, `/logout` and `/refresh`, answered by the gateway itself.
 //!
 //! These paths belong to keycard whatever the method and are never forwarded. Bodies are the
-//! only ones keycard ever reads, and they are capped at 16 KiB before parsing. Responses keep
-//! the Flask-JWT-Extended tutorial's shapes and messages so existing clients work unchanged.
+//! only ones keycard ever reads, and they are capped at `server.max_auth_body_bytes` (and
+//! `server.body_read_timeout`) before parsing. Responses keep the Flask-JWT-Extended
+//! tutorial's shapes and messages so existing clients work unchanged.
 
 use std::net::IpAddr;
 use std::time::Duration;

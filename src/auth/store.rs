@@ -82,8 +82,10 @@ pub enum Attempt {
 }
 
 /// An attempt's reservation under its subjects' limits. End it with [`Reservation::end`];
-/// dropped unended (the client went away, a later step failed) it is given back in the
-/// background, so an abandoned request never holds a user's or an address's place.
+/// dropped unended (the attempt failed before it was decided: no hashing slot, a store error)
+/// it is given back in the background, so such an attempt never holds a user's or an
+/// address's place. (A client that hangs up does not drop it: the endpoint decides the
+/// attempt in its own task.)
 #[derive(Debug)]
 pub struct Reservation {
     store: Store,
