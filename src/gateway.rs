@@ -268,7 +268,9 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
             return Err(RequestError::BadRequest("Missing Host header".into()));
         }
         (Some(host), None) => {
-            let valid = http::uri::Authority::try_from(host.as_bytes()).ok();
+            let valid = http::uri::Authority::try_from(host.as_bytes())
+                .ok()
+                .filter(is_host);
             let Some(host) = valid else {
                 return Err(RequestError::BadRequest("Invalid Host header".into()));
             };
@@ -282,6 +284,11 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
             }
         }
         (None, None) => {}
+    }
+    // The target's own authority (absolute form, HTTP/2 `:authority`) becomes the upstream's
+    // Host: the same rules.
+    if request.uri().authority().is_some_and(|a| !is_host(a)) {
+        return Err(RequestError::BadRequest("Invalid Host header".into()));
     }
     // On every route, public ones too: an upstream that reads auth itself must never have to
     // guess which of two credentials is meant.
@@ -301,12 +308,37 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|c| !c.is_empty());
-    if codings.any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+    // Exactly one `chunked`, or nothing: `chunked, chunked` would lose the inner coding too.
+    if let Some(first) = codings.next()
+        && (!first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some())
+    {
         return Err(RequestError::NotImplemented(
             "Transfer coding not supported",
         ));
     }
     Ok(())
+}
+
+/// Whether an authority is a plain `host[:port]` (RFC 9110 §7.2): no userinfo (RFC 9113
+/// §8.3.1 forbids it in `:authority`; a back end's URL parser would read `good@evil` as host
+/// `evil` while a suffix check sees `good`), and a numeric port if any.
+fn is_host(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    if text.contains('@') {
+        return false;
+    }
+    // What follows the host: nothing, or `:port`. An IPv6 literal is bracketed.
+    let after_host = match text.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map(|(_, after)| after),
+        None => Some(text.find(':').map_or("", |i| &text[i..])),
+    };
+    match after_host {
+        Some("") => true,
+        Some(port) => port
+            .strip_prefix(':')
+            .is_some_and(|digits| digits.parse::<u16>().is_ok()),
+        None => false,
+    }
 }
 
 /// The request path for the log: without the query (queries may carry secrets) and cut at

@@ -663,7 +663,7 @@ async fn shutdown_closes_open_tunnels_and_waits_for_them() {
 // Finding 5: header hygiene
 // ============================================================================================
 
-const CLIENT_DESCRIBING: [&str; 26] = [
+const CLIENT_DESCRIBING: [&str; 38] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
@@ -686,6 +686,19 @@ const CLIENT_DESCRIBING: [&str; 26] = [
     "x-envoy-original-path",
     "x-original-host",
     "x-host",
+    // Named by the second review.
+    "client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-scheme",
+    "x-forwarded-client-cert",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-remote-user",
+    "remote-user",
+    "x-original-forwarded-for",
+    "x-envoy-external-address",
+    "x-goog-authenticated-user-email",
     // Other spellings CGI-style back ends read as the same variables.
     "x_original_url",
     "X.Rewrite.URL",
@@ -713,6 +726,24 @@ async fn client_describing_headers_from_untrusted_peers_never_reach_the_upstream
     // Only the gateway's own forwarding headers are there.
     assert_eq!(echo.values("x-forwarded-for"), ["127.0.0.1"]);
     let own = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+    // Nor do the other spellings of framing headers and the request id.
+    let r = raw_request(
+        s.gw.addr,
+        b"POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\nContent_Length: 99\r\nKeep_Alive: 1\r\nX_Request_Id: forged\r\nHTTP2_Settings: AAAA\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let framing = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+    for name in [
+        "transfer_encoding",
+        "content_length",
+        "keep_alive",
+        "x_request_id",
+        "http2_settings",
+    ] {
+        assert!(!framing.has(name), "{name}: {:?}", framing.headers);
+    }
+    assert_eq!(framing.body, "hello");
     for name in CLIENT_DESCRIBING {
         let name = name.to_ascii_lowercase();
         assert!(own.contains(&name.as_str()) || !echo.has(&name), "{name}");
@@ -938,11 +969,20 @@ async fn http1_host_must_be_present_and_valid_and_absolute_form_wins() {
         (r.status, r.msg().as_deref()),
         (400, Some("Missing Host header"))
     );
-    let r = raw_request(s.gw.addr, b"GET /public/x HTTP/1.1\r\nHost: a b\r\n\r\n").await;
-    assert_eq!(
-        (r.status, r.msg().as_deref()),
-        (400, Some("Invalid Host header"))
-    );
+    for bad in [
+        "GET /public/x HTTP/1.1\r\nHost: a b\r\n\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: user@evil.example\r\n\r\n",
+        "GET /public/x HTTP/1.1\r\nHost: example.com:abc\r\n\r\n",
+        "GET http://good.example@evil.example/public/x HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        "GET http://user:pw@abs.example/public/x HTTP/1.1\r\nHost: abs.example\r\n\r\n",
+    ] {
+        let r = raw_request(s.gw.addr, bad.as_bytes()).await;
+        assert_eq!(
+            (r.status, r.msg().as_deref()),
+            (400, Some("Invalid Host header")),
+            "{bad:?}"
+        );
+    }
     // HTTP/1.0 needs no Host.
     let r = raw_request(s.gw.addr, b"GET /public/x HTTP/1.0\r\n\r\n").await;
     assert_eq!(r.status, 200, "{}", r.head);
@@ -988,7 +1028,12 @@ async fn http2_host_must_match_authority_and_cookies_are_joined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_codings_other_than_chunked_are_501_and_never_forwarded() {
     let s = Stack::start().await;
-    for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+    for coding in [
+        "gzip, chunked",
+        "deflate,chunked",
+        "x-custom, chunked",
+        "chunked, chunked",
+    ] {
         let request = format!(
             "POST /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         );

@@ -46,42 +46,79 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// field that only means something together with `Upgrade: h2c`, which is never forwarded.
 pub const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// Headers that describe the client or the URL it asked for and that only a proxy in
-/// `server.trusted_proxies` may set; from anyone else they are removed.
+/// Whether a header (named in lower case with `-`) describes the client, the URL it asked
+/// for or who it is, so that only a proxy in `server.trusted_proxies` may set it; from anyone
+/// else it is removed.
 ///
-/// Why: back ends and frameworks believe them. The `X-Forwarded-*` family and `Forwarded`
-/// (RFC 7239) carry the client address, scheme, host, port, path and prefix (Rack reads
-/// `X-Forwarded-Ssl` as https); `X-Real-IP`, `X-Client-IP`, `True-Client-IP`,
-/// `X-Cluster-Client-IP`, `CF-Connecting-IP` and `Fastly-Client-IP` are the single-address
-/// variants of nginx, Apache, Akamai, load balancers, Cloudflare and Fastly; `X-Original-URL`,
-/// `X-Rewrite-URL`, `X-Original-URI` and `X-Envoy-Original-Path` are read as the *real*
-/// request path by IIS URL Rewrite, older Symfony and Zend, nginx `auth_request` set-ups and
-/// Envoy, so a public request could name a protected path in them; `X-Original-Host` and
-/// `X-Host` stand in for `Host` in several frameworks.
-pub const CLIENT_DESCRIBING: [HeaderName; 22] = [
-    X_FORWARDED_FOR,
-    X_FORWARDED_PROTO,
-    X_FORWARDED_HOST,
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-forwarded-uri"),
-    FORWARDED,
-    X_REAL_IP,
-    HeaderName::from_static("x-client-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("x-cluster-client-ip"),
-    HeaderName::from_static("cf-connecting-ip"),
-    HeaderName::from_static("fastly-client-ip"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-envoy-original-path"),
-    HeaderName::from_static("x-original-host"),
-    HeaderName::from_static("x-host"),
-];
+/// Why: back ends and frameworks believe these.
+/// - The whole `X-Forwarded-*` family (address, scheme, host, port, path, prefix, and also
+///   oauth2-proxy's `X-Forwarded-User`/`-Email`/`-Groups`/`-Access-Token` and Envoy's
+///   `X-Forwarded-Client-Cert`), `X-Forwarded`, `Forwarded` (RFC 7239) and `Forwarded-For`.
+/// - Single-address variants: `X-Real-IP` (nginx), `Client-IP`/`X-Client-IP` (Rails, Rack,
+///   PHP snippets), `True-Client-IP` (Akamai), `X-Cluster-Client-IP`, `CF-Connecting-IP(v6)`,
+///   `Fastly-Client-IP`, `Fly-Client-IP`, `X-Azure-ClientIP`, `X-ARR-ClientIP`,
+///   `X-Original-Forwarded-For` (ingress-nginx), `X-Envoy-External-Address`, `X-Remote-Addr`,
+///   `X-Remote-IP`, `X-Originating-IP`, `X-ProxyUser-IP`.
+/// - Scheme: `X-Scheme` (Tornado), `X-Url-Scheme`, `X-Real-Scheme`, `Front-End-Https`.
+/// - The *real* path or host: `X-Original-URL`, `X-Rewrite-URL` (IIS URL Rewrite, older
+///   Symfony and Zend), `X-Original-URI`, `X-Original-Path`, `X-Envoy-Original-Path`,
+///   `X-Script-Name`, `X-Original-Host`, `X-Host`. A public request could otherwise name a
+///   protected path in them.
+/// - Other auth proxies' identity headers: `Remote-User`, `X-Remote-User`, `X-WebAuth-User`,
+///   `X-Amzn-OIDC-*`, `X-Goog-Authenticated-User-*`, `X-MS-Client-Principal*`,
+///   `Cf-Access-Authenticated-User-Email`.
+pub fn is_client_describing(name: &str) -> bool {
+    name.starts_with("x-forwarded")
+        || name.starts_with("x-amzn-oidc-")
+        || name.starts_with("x-goog-authenticated-user-")
+        || name.starts_with("x-ms-client-principal")
+        || matches!(
+            name,
+            "forwarded"
+                | "forwarded-for"
+                | "x-real-ip"
+                | "client-ip"
+                | "x-client-ip"
+                | "true-client-ip"
+                | "x-cluster-client-ip"
+                | "cf-connecting-ip"
+                | "cf-connecting-ipv6"
+                | "fastly-client-ip"
+                | "fly-client-ip"
+                | "x-azure-clientip"
+                | "x-arr-clientip"
+                | "x-original-forwarded-for"
+                | "x-envoy-external-address"
+                | "x-remote-addr"
+                | "x-remote-ip"
+                | "x-originating-ip"
+                | "x-proxyuser-ip"
+                | "x-scheme"
+                | "x-url-scheme"
+                | "x-real-scheme"
+                | "front-end-https"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "x-original-uri"
+                | "x-original-path"
+                | "x-envoy-original-path"
+                | "x-script-name"
+                | "x-original-host"
+                | "x-host"
+                | "remote-user"
+                | "x-remote-user"
+                | "x-webauth-user"
+                | "cf-access-authenticated-user-email"
+        )
+}
+
+/// Whether a header (named in lower case with `-`) is one whose meaning keycard itself relies
+/// on: hop-by-hop and framing fields, `Host`, the request id. Their `_`/`.` spellings are
+/// removed from every request (see [`set_forwarded`]).
+fn is_framing_or_gateway(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_str() == name)
+        || matches!(name, "content-length" | "host" | "x-request-id")
+}
 
 /// The fixed hop-by-hop list: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`,
 /// `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`; `Trailer` (§6.6.2) describes this
@@ -300,7 +337,11 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
         .filter(|e| !e.is_empty())
         .collect();
     for entry in entries.iter().rev() {
-        let Ok(ip) = entry.parse::<IpAddr>() else {
+        // Some proxies (Azure Application Gateway) write `ip:port` or `[v6]:port`.
+        let parsed = entry
+            .parse::<IpAddr>()
+            .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
+        let Ok(ip) = parsed else {
             break;
         };
         client = canonical_ip(ip);
@@ -311,31 +352,30 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
     client
 }
 
-/// Removes every `_`/`.` spelling of a [`CLIENT_DESCRIBING`] header (`X_Original_URL`,
-/// `x.forwarded.for`), from trusted peers too.
+/// Removes the client-describing headers a peer may not send (all of them from an untrusted
+/// peer), and from every peer the `_`/`.` spellings of those and of the framing headers
+/// (`X_Original_URL`, `x.forwarded.for`, `Transfer_Encoding`).
 ///
-/// Why: CGI, WSGI, Rack and PHP read `X_Original_URL` and `X-Original-URL` as the same
-/// variable (`HTTP_X_ORIGINAL_URL`, the header-underscore confusion of Puma's CVE-2024-45614),
-/// and no proxy keycard trusts writes them that way. Only names holding `_` or `.` are
-/// folded, so a request without such names costs one scan of its header names.
-fn remove_other_spellings(headers: &mut HeaderMap) {
-    let odd = |name: &HeaderName| name.as_str().bytes().any(|b| b == b'_' || b == b'.');
-    if !headers.keys().any(odd) {
+/// Why the spellings: CGI, WSGI, Rack and PHP read `X_Original_URL` and `X-Original-URL` as
+/// the same variable (`HTTP_X_ORIGINAL_URL`, the header-underscore confusion of Puma's
+/// CVE-2024-45614), and no proxy keycard trusts writes them that way. One scan of the header
+/// names; only names holding `_` or `.` are folded, and nothing is allocated unless
+/// something goes.
+fn strip_client_headers(headers: &mut HeaderMap, trusted: bool) {
+    let doomed = |name: &HeaderName| {
+        let name = name.as_str();
+        if name.bytes().any(|b| b == b'_' || b == b'.') {
+            let folded = String::from_utf8(fold_str(name)).unwrap_or_default();
+            is_client_describing(&folded) || is_framing_or_gateway(&folded)
+        } else {
+            !trusted && is_client_describing(name)
+        }
+    };
+    if !headers.keys().any(doomed) {
         return;
     }
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            odd(name)
-                && CLIENT_DESCRIBING.iter().any(|canonical| {
-                    let canonical = canonical.as_str().as_bytes();
-                    name.as_str().len() == canonical.len()
-                        && folded_starts_with(name.as_str().as_bytes(), canonical)
-                })
-        })
-        .cloned()
-        .collect();
-    for name in &doomed {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in &names {
         headers.remove(name);
     }
 }
@@ -346,27 +386,22 @@ fn remove_other_spellings(headers: &mut HeaderMap) {
 /// way, and it must never see forged ones (they drive IP allow-lists, rate limits, redirects
 /// and absolute URLs).
 ///
-/// - Any peer: the `_`/`.` spellings of those headers are removed (see
-///   `remove_other_spellings`).
-/// - Untrusted peer: every header in [`CLIENT_DESCRIBING`] is removed; then
+/// - Any peer: the `_`/`.` spellings of client-describing and framing headers are removed
+///   (see `strip_client_headers`).
+/// - Untrusted peer: every header [`is_client_describing`] names is removed; then
 ///   `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: <proto>` and, if the request has a
 ///   `Host`, `X-Forwarded-Host: <Host>` are set.
 /// - Trusted peer: every received `X-Forwarded-For` line is joined into one comma-separated
 ///   chain and `, <peer>` is appended (the de-facto convention: each proxy appends the
-///   address it received the request from). The proxy's other [`CLIENT_DESCRIBING`]
-///   headers are kept; missing `-Proto` and `-Host` are set as above.
+///   address it received the request from). The proxy's other client-describing headers
+///   are kept; missing `-Proto` and `-Host` are set as above.
 ///
 /// The peer is written plainly (`10.0.0.1`, `::1`); an IPv4-mapped IPv6 peer is written as
 /// IPv4. A `proto` that is not a valid header value is not written (fail closed: the
 /// client's value has been removed either way when the peer is untrusted).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &str) {
     let peer = canonical_ip(peer).to_string();
-    remove_other_spellings(headers);
-    if !trusted {
-        for name in &CLIENT_DESCRIBING {
-            headers.remove(name);
-        }
-    }
+    strip_client_headers(headers, trusted);
 
     let mut chain: Vec<u8> = Vec::new();
     for value in headers.get_all(X_FORWARDED_FOR) {
@@ -745,6 +780,20 @@ mod tests {
             assert_eq!(all(&h, "x_custom_thing"), ["kept"]);
             assert_eq!(h.contains_key("x-original-url"), trusted);
             assert_eq!(all(&h, "x-forwarded-proto").len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_trusted_proxy_may_write_ports_in_x_forwarded_for() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        for (xff, client) in [
+            ("198.51.100.7:4711", "198.51.100.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("198.51.100.7:4711, 10.0.0.9:80", "198.51.100.7"),
+        ] {
+            let h = map(&[("x-forwarded-for", xff)]);
+            assert_eq!(client_ip(&h, peer, &trusted).to_string(), client, "{xff}");
         }
     }
 
