@@ -5,7 +5,6 @@
 //! - the connection's slot under `server.max_connections`, released only when the last holder
 //!   lets go, so an upgraded tunnel (which outlives hyper's connection future) keeps counting;
 //! - the task tracker the server drains at shutdown, which tunnels join too;
-//! - the framing guard's flags (see [`crate::framing`]);
 //! - a count of open streams, which bounds how long a connection with none may stay open
 //!   (`server.h2_idle_timeout`).
 
@@ -18,13 +17,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::framing::ConnectionFlags;
-
 /// One accepted client connection, shared by its requests and its tunnel.
 #[derive(Debug)]
 pub struct Connection {
-    /// Shared with the framing guard wrapping this connection's socket.
-    pub flags: Arc<ConnectionFlags>,
     /// The connection's place under `server.max_connections`: freed when this value drops,
     /// that is after hyper's connection future *and* any tunnel it became have ended.
     _slot: OwnedSemaphorePermit,
@@ -39,13 +34,8 @@ pub struct Connection {
 
 impl Connection {
     /// A connection holding `slot`, whose tunnels join `tracker`.
-    pub fn new(
-        flags: Arc<ConnectionFlags>,
-        slot: OwnedSemaphorePermit,
-        tracker: TaskTracker,
-    ) -> Connection {
+    pub fn new(slot: OwnedSemaphorePermit, tracker: TaskTracker) -> Connection {
         Connection {
-            flags,
             _slot: slot,
             tracker,
             open_streams: AtomicUsize::new(0),

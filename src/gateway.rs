@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use crate::auth::endpoints::Endpoint;
 use crate::auth::{Auth, Identity, SessionWatch};
 use crate::body::Body;
-use crate::connection::Connection;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -139,7 +138,6 @@ impl Gateway {
             },
             status: None,
         };
-        let connection = request.extensions().get::<Arc<Connection>>().cloned();
         let http1 = request.version() < Version::HTTP_2;
 
         let mut close = false;
@@ -159,10 +157,9 @@ impl Gateway {
             }
         };
         response.headers_mut().insert(REQUEST_ID.clone(), id);
-        // The client's body was cut short or broken, or the framing guard lost track of this
-        // connection: end it after this response, so nothing after it is parsed as a request.
-        // (HTTP/2 has no such header; there the stream alone ends.)
-        close |= connection.is_some_and(|c| c.flags.must_close());
+        // The client's body was cut short or broken: end the connection after this response,
+        // so nothing after it is parsed as a request. (HTTP/2 has no such header; there the
+        // stream alone ends.)
         if http1 && close {
             response
                 .headers_mut()

@@ -29,7 +29,7 @@ use crate::auth::store::Store;
 use crate::body::Body;
 use crate::config::Config;
 use crate::connection::{Connection, StreamGuard};
-use crate::framing::{ConnectionFlags, Guarded};
+use crate::framing::FirstHead;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -227,15 +227,8 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        // Shared by the framing guard and every request on this connection (see framing).
-        let flags = Arc::new(ConnectionFlags::default());
-        let io = Guarded::new(
-            stream,
-            limits.max_head,
-            limits.header_read_timeout,
-            Arc::clone(&flags),
-        );
-        let connection = Arc::new(Connection::new(flags, slot, tracker.clone()));
+        let io = FirstHead::new(stream, limits.header_read_timeout);
+        let connection = Arc::new(Connection::new(slot, tracker.clone()));
         let per_request = Arc::clone(&connection);
         let service = service_fn(move |mut request: Request<Incoming>| {
             let stream = per_request.open_stream();

@@ -51,8 +51,3 @@ fn route_match_corpus() {
 fn config_parse_corpus() {
     replay("config_parse", checks::check_config_parse);
 }
-
-#[test]
-fn framing_scan_corpus() {
-    replay("framing_scan", checks::check_framing_scan);
-}

@@ -131,12 +131,8 @@ impl Proxy {
                 self.stop.clone(),
             );
             match connection {
-                // From the 101 on, the client's bytes are the new protocol, not HTTP requests.
                 // The tunnel keeps the connection's slot under max_connections until it ends.
-                Some(connection) => {
-                    connection.flags.mark_upgraded();
-                    connection.spawn_tunnel(tunnel);
-                }
+                Some(connection) => connection.spawn_tunnel(tunnel),
                 None => {
                     tokio::spawn(tunnel);
                 }
