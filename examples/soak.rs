@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
@@ -54,6 +54,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// The integration tests' harness (redis-server, free ports, token claims and signing): one
+/// copy of it, shared with the load generator.
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 /// Hard caps, whatever the command line says.
 const MAX_DURATION_SECS: u64 = 900;
@@ -180,7 +185,7 @@ struct Stack {
     admin: SocketAddr,
     secret: String,
     keycard: Keycard,
-    _redis: Option<SpawnedRedis>,
+    _redis: Option<support::RedisServer>,
     workdir: PathBuf,
     keep: bool,
     client: HttpClient,
@@ -205,7 +210,9 @@ impl Stack {
         let (redis_url, spawned) = match &args.redis {
             Some(url) => (url.clone(), None),
             None => {
-                let r = SpawnedRedis::start()?;
+                // The integration tests' redis-server: free loopback port, no persistence,
+                // killed on drop.
+                let r = support::RedisServer::new();
                 (r.url(), Some(r))
             }
         };
@@ -214,8 +221,8 @@ impl Stack {
         let workdir = std::env::temp_dir().join(format!("keycard-soak-{}", std::process::id()));
         std::fs::create_dir_all(&workdir)?;
         let secret = random_hex(32);
-        let gateway = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let gateway = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], support::free_port()));
         // A fresh prefix per run: a reused Redis never sees old users, throttles or revocations.
         let prefix = format!("soak{}:", random_hex(4));
         let mut passwords = String::new();
@@ -378,23 +385,15 @@ auth = "public"
     }
 }
 
+/// An access token for `user` expiring `exp_offset` seconds from now, signed with `secret`
+/// (the test harness's claims and signer, shared with the integration tests).
 fn forge(secret: &[u8], user: &str, exp_offset: i64) -> String {
-    let now = unix_now();
-    let claims = json!({
-        "sub": user,
-        "iat": now - 120,
-        "nbf": now - 120,
-        "exp": now + exp_offset,
-        "jti": random_hex(16),
-        "iss": "keycard",
-        "type": "access",
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .expect("HS256 encoding cannot fail")
+    let now = support::now();
+    let mut claims = support::claims(user, "access");
+    claims["iat"] = json!(now - 120);
+    claims["nbf"] = json!(now - 120);
+    claims["exp"] = json!(now + exp_offset);
+    support::mint(jsonwebtoken::Algorithm::HS256, secret, &claims)
 }
 
 /// Refuses anything but a loopback Redis: this tool must never load another host.
@@ -498,50 +497,6 @@ impl Keycard {
         let text = self.log_text();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-/// A redis-server on a free loopback port, without persistence; killed on drop.
-struct SpawnedRedis {
-    child: Child,
-    port: u16,
-}
-
-impl SpawnedRedis {
-    fn start() -> Result<SpawnedRedis, Error> {
-        let port = free_port()?;
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run redis-server (pass --redis URL instead?): {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(SpawnedRedis { child, port });
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("redis-server exited: {status}").into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        Err("redis-server did not listen within 10s".into())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for SpawnedRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1271,7 +1226,7 @@ async fn soak(args: &Args) -> Result<bool, Error> {
         args.max_requests
     );
     let load_start = Instant::now();
-    let seed = unix_now().unsigned_abs() ^ u64::from(std::process::id());
+    let seed = support::now().unsigned_abs() ^ u64::from(std::process::id());
     let handles: Vec<_> = sessions
         .into_iter()
         .enumerate()
@@ -2051,12 +2006,6 @@ async fn run_builtin(stack: &Stack, s: &Scenario, duration: Duration) -> BenchRo
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).expect("OS random source");
@@ -2098,10 +2047,4 @@ fn default_keycard() -> Result<PathBuf, Error> {
         )
         .into())
     }
-}
-
-fn free_port() -> Result<u16, Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

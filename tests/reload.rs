@@ -45,6 +45,31 @@ async fn wait_reloads(gw: &Gateway, result: &str, n: u64) {
     }
 }
 
+/// A reloadable gateway with one public route, `/docs`, to an echo upstream.
+struct Docs {
+    redis: RedisServer,
+    up: Upstream,
+    opts: GatewayOpts,
+    gw: Gateway,
+    file: ConfigFile,
+}
+
+impl Docs {
+    async fn start() -> Docs {
+        let redis = RedisServer::new();
+        let up = Upstream::start().await;
+        let opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
+        let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+        Docs {
+            redis,
+            up,
+            opts,
+            gw,
+            file,
+        }
+    }
+}
+
 fn opts_with(redis: &RedisServer, routes: Vec<RouteSpec>) -> GatewayOpts {
     let mut opts = GatewayOpts::new(&redis.url(), "http://127.0.0.1:9");
     opts.routes = routes;
@@ -106,10 +131,13 @@ async fn swapping_an_upstream_under_traffic_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_changed_from_public_to_required_needs_a_token_on_the_next_request() {
-    let redis = RedisServer::new();
-    let up = Upstream::start().await;
-    let mut opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let Docs {
+        up,
+        mut opts,
+        gw,
+        file,
+        redis: _redis,
+    } = Docs::start().await;
     assert_eq!(gw.get("/docs/x", None).await.status(), 200);
     opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
     file.write(&opts.to_toml());
@@ -126,10 +154,13 @@ async fn a_route_changed_from_public_to_required_needs_a_token_on_the_next_reque
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
-    let redis = RedisServer::new();
-    let up = Upstream::start().await;
-    let mut opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let Docs {
+        up,
+        mut opts,
+        gw,
+        file,
+        redis: _redis,
+    } = Docs::start().await;
     let stamp = |text: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix("keycard_config_last_reload_success_timestamp_seconds "))
@@ -183,10 +214,13 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
-    let redis = RedisServer::new();
-    let up = Upstream::start().await;
-    let mut opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let Docs {
+        up,
+        mut opts,
+        gw,
+        file,
+        redis: store,
+    } = Docs::start().await;
     // A new listen address, store prefix and connection cap, and a route change.
     opts.prefix = Some("other:".into());
     opts.server_extra = vec!["max_connections = 1".into()];
@@ -198,9 +232,9 @@ async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
     wait_reloads(&gw, "ok", 1).await;
     // The route change applied, on the listener keycard already had...
     assert_eq!(gw.get("/docs/x", None).await.status(), 401);
-    // ...the store prefix did not change (the user registered before is still found there)...
+    // ...the store prefix did not change (a new user still goes under the running one)...
     gw.register("carol", PASSWORD).await;
-    let exists: bool = redis
+    let exists: bool = store
         .query(redis::cmd("EXISTS").arg("keycard:user:carol"))
         .await;
     assert!(exists, "users still go to the running prefix");
@@ -214,10 +248,14 @@ async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_reloads_even_when_the_file_did_not_change() {
-    let redis = RedisServer::new();
-    let up = Upstream::start().await;
-    let opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-    let (gw, file) = Gateway::start_reloadable(opts).await;
+    // The upstream and Redis must live to the end too, so bind them.
+    let Docs {
+        gw,
+        file,
+        up: _up,
+        redis: _redis,
+        ..
+    } = Docs::start().await;
     file.hup().await;
     wait_reloads(&gw, "ok", 1).await;
     file.hup().await;
@@ -230,10 +268,13 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     // Kubernetes mounts a ConfigMap as dir/keycard.toml -> ..data/keycard.toml, with
     // ..data -> ..<timestamp>/; an update writes a new timestamped folder and swaps ..data.
     use std::os::unix::fs::symlink;
-    let redis = RedisServer::new();
-    let up = Upstream::start().await;
-    let mut opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let Docs {
+        up,
+        mut opts,
+        gw,
+        file,
+        redis: _redis,
+    } = Docs::start().await;
     let dir = &file.dir;
     let v1 = dir.join("..2026_11_30_v1");
     std::fs::create_dir(&v1).unwrap();

@@ -99,8 +99,15 @@ fn parse_response_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     response.parse(head).expect("response head parses");
-    let pairs = response
-        .headers
+    (
+        response.code.unwrap_or(0),
+        lowercase_pairs(response.headers),
+    )
+}
+
+/// Parsed header fields as (lowercase name, value) pairs.
+fn lowercase_pairs(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
         .iter()
         .map(|h| {
             (
@@ -108,8 +115,7 @@ fn parse_response_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
                 String::from_utf8_lossy(h.value).into_owned(),
             )
         })
-        .collect();
-    (response.code.unwrap_or(0), pairs)
+        .collect()
 }
 
 async fn serve_upgrades(mut stream: TcpStream, mode: Mode, seen: Arc<Mutex<Vec<Seen>>>) {
@@ -121,16 +127,7 @@ async fn serve_upgrades(mut stream: TcpStream, mode: Mode, seen: Arc<Mutex<Vec<S
     if request.parse(&head).is_err() {
         return;
     }
-    let pairs: Vec<(String, String)> = request
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let pairs = lowercase_pairs(request.headers);
     let path = request.path.unwrap_or("").to_owned();
     let upgrade = pairs.iter().find(|(n, _)| n == "upgrade").map(|(_, v)| {
         v.split(',')
