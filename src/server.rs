@@ -1,23 +1,23 @@
 //! Server: the accept loops, per-connection HTTP handling, and graceful shutdown.
 //!
-//! [`run`] is the whole gateway: it opens the store, builds the [`Gateway`], and serves the
-//! public and admin listeners until the shutdown future resolves. Listeners come in already
-//! bound, so tests bind port 0 and drive the real thing in-process.
+//! [`run`] is the whole gateway: it opens the store, builds the [`Gateway`] around the compiled
+//! [`Policy`], and serves the public and admin listeners until the shutdown future resolves
+//! ([`run_with_reload`] also watches the config file). Listeners come in already bound, so
+//! tests bind port 0 and drive the real thing in-process.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
