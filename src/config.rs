@@ -299,14 +299,16 @@ impl Config {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            file: path.to_path_buf(),
-            errors: vec![ConfigError {
-                key: String::new(),
-                position: None,
-                message: format!("cannot read file: {e}"),
-            }],
-        })?;
+        let text = read_small_file(path, MAX_CONFIG_BYTES)
+            .and_then(|bytes| String::from_utf8(bytes).map_err(|e| e.to_string()))
+            .map_err(|e| ConfigErrors {
+                file: path.to_path_buf(),
+                errors: vec![ConfigError {
+                    key: String::new(),
+                    position: None,
+                    message: format!("cannot read file: {e}"),
+                }],
+            })?;
         Config::parse(&text, path, env)
     }
 
@@ -1132,7 +1134,7 @@ impl Ctx<'_> {
             let Some(path) = self.string_of(&key, v) else {
                 return empty;
             };
-            match std::fs::read(&path) {
+            match read_small_file(Path::new(&path), MAX_SECRET_FILE_BYTES) {
                 Ok(mut bytes) => {
                     if bytes.ends_with(b"\r\n") {
                         bytes.truncate(bytes.len() - 2);
@@ -1306,6 +1308,33 @@ impl Ctx<'_> {
 /// Placeholder for a listen address that failed to parse; never returned in a `Config`.
 const UNSPECIFIED_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// The largest config file keycard reads.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The largest `secret_file` keycard reads.
+const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+/// Reads a regular file of at most `max` bytes. Anything else is refused before it is opened
+/// or read: a FIFO would block (at startup, or a reloader for ever), `/dev/zero` would never
+/// end, a huge file would fill memory.
+fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(bytes)
+}
 
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
@@ -2292,8 +2321,31 @@ unknown = true
         assert_eq!(e.key, "tokens.secret_file");
         assert!(e.message.contains("cannot read"), "{e}");
 
-        for p in [crlf, lf2, short] {
+        // Never blocks on a FIFO, never reads /dev/zero or a directory, never a huge file.
+        let fifo = dir.join(format!("keycard-test-secret-{pid}-fifo"));
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let huge = dir.join(format!("keycard-test-secret-{pid}-huge"));
+        std::fs::write(&huge, vec![b'x'; 100 * 1024]).unwrap();
+        for p in [&fifo, Path::new("/dev/zero"), dir.as_path(), &huge] {
+            let e = one_error(&with_file(p));
+            assert_eq!(e.key, "tokens.secret_file", "{}", p.display());
+            assert!(
+                e.message.contains("not a regular file") || e.message.contains("larger than"),
+                "{e}"
+            );
+        }
+
+        for p in [crlf, lf2, short, fifo, huge] {
             let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn a_config_path_that_is_not_a_small_regular_file_is_refused() {
+        for p in ["/dev/zero", "/"] {
+            let e = Config::load_with(Path::new(p), &env).unwrap_err();
+            assert!(e.errors[0].message.contains("not a regular file"), "{e}");
         }
     }
 

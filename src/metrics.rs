@@ -98,6 +98,10 @@ impl Metrics {
             last_reload_success,
         };
         metrics.last_reload_success.set(unix_now());
+        // Both series exist from the start, so `increase(...)` sees the first error too.
+        for result in ["ok", "error"] {
+            let _ = metrics.reloads.get_or_create(&ReloadLabels { result });
+        }
         metrics
     }
 

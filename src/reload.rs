@@ -76,6 +76,10 @@ pub(crate) async fn watch(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = fingerprint(&source.path);
+    // A change is loaded once the file has stayed the same for a whole poll: a file rewritten
+    // in place, in pieces, is not read half-written (writing a new file and renaming it over
+    // the old one is still the safe way).
+    let mut settling: Option<Fingerprint> = None;
     let mut ticks = tokio::time::interval(source.poll_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -92,11 +96,17 @@ pub(crate) async fn watch(
             _ = ticks.tick() => {
                 let now = fingerprint(&source.path);
                 if now.is_none() || now == seen {
+                    settling = None;
+                    continue;
+                }
+                if settling != now {
+                    settling = now;
                     continue;
                 }
                 "file changed"
             }
         };
+        settling = None;
         seen = fingerprint(&source.path);
         let ok = reload(&source, &gateway, why).await;
         metrics.config_reload(ok);

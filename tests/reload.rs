@@ -247,6 +247,46 @@ async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_counters_start_at_zero_and_a_file_written_in_pieces_is_loaded_once() {
+    let Docs {
+        up,
+        mut opts,
+        gw,
+        file,
+        redis: _redis,
+    } = Docs::start().await;
+    // Both series exist from the start, so an alert on their increase sees the first error.
+    let text = gw
+        .client
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for result in ["ok", "error"] {
+        let line = format!("keycard_config_reloads_total{{result=\"{result}\"}} 0");
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // Rewritten in place, in two writes: the first is valid TOML on its own (everything
+    // public), the second adds the protected route. Only the finished file is loaded.
+    opts.routes = vec![
+        RouteSpec::new("/docs", &up.url(), "public"),
+        RouteSpec::new("/secret", &up.url(), "required"),
+    ];
+    let full = opts.to_toml();
+    let cut = full.find("\n[[routes]]\npath = \"/secret\"").unwrap();
+    std::fs::write(&file.path, &full[..cut]).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    std::fs::write(&file.path, &full).unwrap();
+    wait_reloads(&gw, "ok", 1).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_reloads(&gw, "ok", 1).await;
+    assert_eq!(gw.get("/secret/x", None).await.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_reloads_even_when_the_file_did_not_change() {
     // The upstream and Redis must live to the end too, so bind them.
     let Docs {

@@ -1046,3 +1046,19 @@ async fn transfer_codings_other_than_chunked_are_501_and_never_forwarded() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_forwarded_whatever_the_method() {
+    // hyper's client sends no body for a GET or HEAD of unknown length unless told to: the
+    // body must be forwarded (re-framed as chunked), never silently dropped.
+    let s = Stack::start().await;
+    for method in ["GET", "DELETE", "POST"] {
+        let request = format!(
+            "{method} /public/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let r = raw_request(s.gw.addr, request.as_bytes()).await;
+        assert_eq!(r.status, 200, "{method}: {}", r.head);
+        let echo = Echo::parse(&serde_json::from_slice(&r.body).unwrap());
+        assert_eq!(echo.body, "hello", "{method}");
+    }
+}

@@ -85,8 +85,18 @@ impl Proxy {
             restore_upgrade(request.headers_mut(), protocol.clone());
         }
         *request.version_mut() = Version::HTTP_11;
-        let (parts, incoming) = request.into_parts();
+        let (mut parts, incoming) = request.into_parts();
         let (body, fault) = ClientBody::new(incoming, policy.limits.body_idle_timeout);
+        // A body of unknown length goes upstream chunked whatever the method: left to itself,
+        // hyper's client sends no body at all for a GET or HEAD it cannot size.
+        if !http_body::Body::is_end_stream(&body)
+            && http_body::Body::size_hint(&body).exact().is_none()
+        {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let request = Request::from_parts(parts, body);
 
         let sent = tokio::time::timeout(route.config.timeout, route.client.request(request)).await;
