@@ -38,8 +38,9 @@ pub struct Gateway {
     proxy: Proxy,
     metrics: Arc<Metrics>,
     ids: RequestIds,
-    /// What the config decides. Each request loads it once and keeps that snapshot to the end.
-    policy: ArcSwap<Policy>,
+    /// What the config decides. Each request loads it once and keeps that snapshot to the end;
+    /// tunnels recheck against it (see [`SessionWatch`]).
+    policy: Arc<ArcSwap<Policy>>,
     /// The metrics label of requests that matched no route.
     unmatched: Arc<str>,
 }
@@ -101,7 +102,7 @@ impl Gateway {
             proxy: Proxy::new(stop),
             metrics,
             ids: RequestIds::new(),
-            policy: ArcSwap::from_pointee(policy),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
             unmatched: Arc::from("-"),
         }
     }
@@ -216,16 +217,21 @@ impl Gateway {
             .await?;
         outcome.user = identity.user().map(str::to_owned);
         let upgrade = policy.requested_upgrade(&request);
-        // A tunnel outlives its request: on a protected route it keeps checking the token.
-        let session = match (&identity, &upgrade) {
-            (Identity::User(claims), Some(_)) => Some(SessionWatch::new(
+        // A tunnel outlives its request: it keeps being checked against the policy in force.
+        let session = upgrade.is_some().then(|| {
+            let token = match identity {
+                Identity::User(_) => crate::auth::bearer_token(request.headers()).ok(),
+                Identity::Anonymous => None,
+            };
+            SessionWatch::new(
                 &self.auth.store,
-                &policy.tokens,
-                claims,
+                Arc::clone(&self.policy),
+                &path,
+                &identity,
+                token,
                 limits.upgrade_recheck,
-            )),
-            _ => None,
-        };
+            )
+        });
         let caller = Caller {
             peer: peer.ip(),
             trusted: is_trusted(peer.ip(), &policy.trusted_proxies),

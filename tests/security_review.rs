@@ -1062,3 +1062,73 @@ async fn a_chunked_body_is_forwarded_whatever_the_method() {
         assert_eq!(echo.body, "hello", "{method}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_are_rechecked_against_the_reloaded_policy() {
+    // A reload that rotates the key, or makes a public route require a token, closes the
+    // tunnels it would no longer let in; one that changes nothing for them keeps them.
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let redis = RedisServer::new();
+    let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
+    opts.routes = vec![
+        RouteSpec::new("/pub2", &upstream.url(), "public"),
+        RouteSpec::new("/api", &upstream.url(), "required"),
+    ];
+    opts.server_extra = vec!["upgrade_recheck = \"500ms\"".into()];
+    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let (token, _) = gw.user("tess").await;
+
+    let open = |path: &'static str, token: Option<String>| {
+        let addr = gw.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+            let mut extra = vec!["Connection: Upgrade", "Upgrade: websocket"];
+            extra.extend(auth.as_deref());
+            stream.write_all(&raw_get(path, &extra)).await.unwrap();
+            let head = read_head(&mut stream).await.expect("head");
+            assert_eq!(parse_response_head(&head).0, 101, "{path}");
+            stream
+        }
+    };
+    async fn echoes(stream: &mut TcpStream) -> bool {
+        if stream.write_all(b"ping").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        )
+    }
+    let mut public = open("/pub2/ws", None).await;
+    let mut private = open("/api/ws", Some(token.clone())).await;
+
+    // An unrelated change: both stay open across several rechecks.
+    opts.routes
+        .push(RouteSpec::new("/extra", &upstream.url(), "public"));
+    file.write(&opts.to_toml());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        echoes(&mut public).await,
+        "public tunnel closed by an unrelated reload"
+    );
+    assert!(
+        echoes(&mut private).await,
+        "private tunnel closed by an unrelated reload"
+    );
+
+    // A new key, and the public route now requires a token.
+    opts.routes[0] = RouteSpec::new("/pub2", &upstream.url(), "required");
+    let rotated = opts.to_toml().replace(
+        "secret = \"${KEYCARD_SECRET}\"",
+        "secret = \"a-brand-new-secret-0123456789-abcdefghijkl\"",
+    );
+    file.write(&rotated);
+    for (name, stream) in [("public", &mut public), ("private", &mut private)] {
+        let (_, closed) = read_to_close(stream, Duration::from_secs(5)).await;
+        assert!(closed, "{name} tunnel still open after the reload");
+    }
+    // And new requests follow the new policy too.
+    assert_eq!(gw.get("/api/x", Some(&token)).await.status(), 401);
+}

@@ -13,7 +13,10 @@ pub mod password;
 pub mod store;
 pub mod token;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use http::{HeaderMap, header};
 
@@ -130,48 +133,96 @@ pub fn verify_bearer(
     Ok(tokens.verify(token, expected)?)
 }
 
-/// Watches a session that outlives its request — an upgraded (WebSocket) connection — so it
-/// can be closed when its token stops being valid. Common gateways check only the handshake;
-/// keycard keeps checking.
+/// Watches a session that outlives its request (an upgraded, WebSocket connection) so it can
+/// be closed when it would no longer be let in. Common gateways check only the handshake;
+/// keycard keeps checking, against the policy in force at each check, so a reload that
+/// rotates the key, changes the issuer, removes the route or makes it require a token closes
+/// the tunnels it no longer allows.
 #[derive(Debug)]
 pub struct SessionWatch {
     store: Store,
-    jti: String,
+    /// The gateway's current policy (swapped by reloads).
+    policy: Arc<ArcSwap<Policy>>,
+    /// The canonical path the tunnel was opened on.
+    path: String,
+    /// The bearer token it was opened with, on a route that required one.
+    token: Option<String>,
     /// Unix seconds after which the token is expired (its `exp` plus the leeway).
-    ends_at: u64,
+    ends_at: Option<u64>,
     recheck: Duration,
 }
 
 impl SessionWatch {
-    /// A watch on the token behind `claims`, rechecked for revocation every `recheck`.
-    pub fn new(store: &Store, tokens: &Tokens, claims: &Claims, recheck: Duration) -> SessionWatch {
+    /// A watch on a tunnel opened on `path` by `identity` (with `token`, when it needed
+    /// one), rechecked every `recheck`.
+    pub fn new(
+        store: &Store,
+        policy: Arc<ArcSwap<Policy>>,
+        path: &str,
+        identity: &Identity,
+        token: Option<&str>,
+        recheck: Duration,
+    ) -> SessionWatch {
+        let ends_at = match identity {
+            Identity::User(claims) => Some(policy.load().tokens.accepted_until(claims)),
+            Identity::Anonymous => None,
+        };
         SessionWatch {
             store: store.clone(),
-            jti: claims.jti.clone(),
-            ends_at: tokens.accepted_until(claims),
+            policy,
+            path: path.to_owned(),
+            token: token.filter(|_| ends_at.is_some()).map(str::to_owned),
+            ends_at,
             recheck,
         }
     }
 
-    /// Resolves, with the reason, once the session must end: the token expired, it was
-    /// revoked, or the store could not say (fail closed).
-    pub async fn ended(self) -> &'static str {
+    /// Resolves, with the reason, once the session must end: the token expired or was
+    /// revoked, the current policy no longer lets it in, or the store could not say (fail
+    /// closed).
+    pub async fn ended(mut self) -> &'static str {
         loop {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(u64::MAX, |d| d.as_secs());
-            if now >= self.ends_at {
-                return "token expired";
-            }
-            let until_expiry = Duration::from_secs(self.ends_at - now);
-            tokio::time::sleep(self.recheck.min(until_expiry)).await;
-            match self.store.is_revoked(&self.jti).await {
-                Ok(false) => {}
-                Ok(true) => return "token revoked",
-                Err(error) => {
-                    tracing::warn!(%error, "cannot recheck an upgraded connection's token");
-                    return "authentication store unavailable";
+            let mut wait = self.recheck;
+            if let Some(ends_at) = self.ends_at {
+                if now >= ends_at {
+                    return "token expired";
                 }
+                wait = wait.min(Duration::from_secs(ends_at - now));
+            }
+            tokio::time::sleep(wait).await;
+            if let Some(reason) = self.still_allowed().await {
+                return reason;
+            }
+        }
+    }
+
+    /// `None` while the current policy still lets this session in; else why not.
+    async fn still_allowed(&mut self) -> Option<&'static str> {
+        let policy = self.policy.load_full();
+        let Some(route) = policy.routes.find(&self.path) else {
+            return Some("route removed");
+        };
+        if route.policy == AuthMode::Public {
+            return None;
+        }
+        let Some(token) = &self.token else {
+            return Some("route now requires a token");
+        };
+        let claims = match policy.tokens.verify(token, TokenType::Access) {
+            Ok(claims) => claims,
+            Err(token::TokenError::Expired) => return Some("token expired"),
+            Err(_) => return Some("token no longer valid"),
+        };
+        self.ends_at = Some(policy.tokens.accepted_until(&claims));
+        match self.store.is_revoked(&claims.jti).await {
+            Ok(false) => None,
+            Ok(true) => Some("token revoked"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot recheck an upgraded connection's token");
+                Some("authentication store unavailable")
             }
         }
     }
@@ -192,7 +243,7 @@ pub fn is_valid_username(name: &str) -> bool {
 
 /// Extracts the token from `Authorization: Bearer <jwt>`. Two `Authorization` headers are a
 /// client bug or an attack (which one would a back end read?), so they are refused outright.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, RequestError> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, RequestError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().ok_or(RequestError::MissingAuth)?;
     if values.next().is_some() {
