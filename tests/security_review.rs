@@ -887,7 +887,7 @@ async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
         o.fast_passwords = false;
         o.passwords_extra = vec![
             "memory_kib = 8192".into(),
-            "iterations = 4".into(),
+            "iterations = 8".into(),
             "parallelism = 1".into(),
         ];
         o.throttle = vec!["address_limit = 5".into(), "user_limit = 0".into()];
@@ -901,7 +901,24 @@ async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
         );
         let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Hang up only once keycard has the request and has begun the check (an RST that
+        // arrives first discards the request unread, and then nothing is owed).
+        let begun = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (pending, failed): (Option<u64>, Option<u64>) = s
+                .redis
+                .query(
+                    redis::cmd("MGET")
+                        .arg("keycard:throttle:pending:addr:127.0.0.1")
+                        .arg("keycard:throttle:addr:127.0.0.1"),
+                )
+                .await;
+            if pending.unwrap_or(0) + failed.unwrap_or(0) > i {
+                break;
+            }
+            assert!(Instant::now() < begun, "attempt {i} never began");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         stream.set_zero_linger().unwrap();
         drop(stream);
     }
@@ -920,6 +937,19 @@ async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
             "abandoned attempts counted: {count:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And no reservation is left behind.
+    let gone = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: bool = s
+            .redis
+            .query(redis::cmd("EXISTS").arg("keycard:throttle:pending:addr:127.0.0.1"))
+            .await;
+        if !left {
+            break;
+        }
+        assert!(Instant::now() < gone, "a reservation was left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resp = s.gw.login_raw("ghost9", "wrong password!").await;
     assert_eq!(resp.status(), 429);

@@ -105,10 +105,10 @@ impl Auth {
                 // Throttled per address like /login: a 409 answers "does this name exist?",
                 // so each one counts as a failed attempt.
                 let subjects = vec![address_subject(&self.store, throttle, client)];
-                let (_, reservation) = self.begin(subjects, None).await?;
                 let (passwords, store) = (self.passwords.clone(), self.store.clone());
                 let username = creds.username.clone();
                 let created = decide(async move {
+                    let (_, reservation) = begin(&store, subjects, None).await?;
                     let phc = passwords.hash(&creds.password).await?;
                     let created = store.create_user(&username, &phc).await?;
                     reservation.end(created).await?;
@@ -137,15 +137,15 @@ impl Auth {
                         true,
                     ),
                 ];
-                // Checked before the password: while a throttle is active even the right
-                // password gets 429, or the throttle would be an oracle for guesses.
-                let (hash, reservation) = self.begin(subjects, Some(&creds.username)).await?;
-                // An unknown user is verified against a dummy hash: the same work, the same
-                // answer and the same count as a wrong password, so neither timing nor
-                // throttling reveals which names exist.
-                let passwords = self.passwords.clone();
-                let password = creds.password;
+                let (passwords, store) = (self.passwords.clone(), self.store.clone());
+                let (username, password) = (creds.username.clone(), creds.password);
                 let valid = decide(async move {
+                    // Checked before the password: while a throttle is active even the right
+                    // password gets 429, or the throttle would be an oracle for guesses.
+                    let (hash, reservation) = begin(&store, subjects, Some(&username)).await?;
+                    // An unknown user is verified against a dummy hash: the same work, the
+                    // same answer and the same count as a wrong password, so neither timing
+                    // nor throttling reveals which names exist.
                     let valid = passwords.verify(&password, hash.as_deref()).await?;
                     reservation.end(valid).await?;
                     Ok(valid)
@@ -198,36 +198,35 @@ fn address_subject(store: &Store, throttle: &ThrottleConfig, client: IpAddr) -> 
     )
 }
 
-impl Auth {
-    /// Begins a throttled attempt: its reservation (and the user's hash, when `user` is
-    /// given), or 429. A 429 counts nothing. It says which kind it is: failures at the limit
-    /// last until the window ends; attempts in flight at the limit clear by themselves.
-    async fn begin(
-        &self,
-        subjects: Vec<Subject>,
-        user: Option<&str>,
-    ) -> Result<(Option<String>, Reservation), RequestError> {
-        match self.store.begin_attempt(subjects, user).await? {
-            Attempt::Go { hash, reservation } => Ok((hash, reservation)),
-            Attempt::Throttled { retry_after } => Err(RequestError::TooManyRequests {
-                msg: "Too many failed login attempts, try again later",
-                retry_after,
-            }),
-            Attempt::Busy => Err(RequestError::TooManyRequests {
-                msg: "Too many login attempts in progress, try again shortly",
-                retry_after: Duration::from_secs(1),
-            }),
-        }
+/// Begins a throttled attempt: its reservation (and the user's hash, when `user` is given),
+/// or 429. A 429 counts nothing. It says which kind it is: failures at the limit last until
+/// the window ends; attempts in flight at the limit clear by themselves.
+async fn begin(
+    store: &Store,
+    subjects: Vec<Subject>,
+    user: Option<&str>,
+) -> Result<(Option<String>, Reservation), RequestError> {
+    match store.begin_attempt(subjects, user).await? {
+        Attempt::Go { hash, reservation } => Ok((hash, reservation)),
+        Attempt::Throttled { retry_after } => Err(RequestError::TooManyRequests {
+            msg: "Too many failed login attempts, try again later",
+            retry_after,
+        }),
+        Attempt::Busy => Err(RequestError::TooManyRequests {
+            msg: "Too many login attempts in progress, try again shortly",
+            retry_after: Duration::from_secs(1),
+        }),
     }
 }
 
-/// Runs the part of an attempt that decides and records its outcome (the password check or
-/// hash, and [`Reservation::end`]) as its own task, and waits for it.
+/// Runs an attempt from its reservation to its recorded outcome ([`begin`], the password check
+/// or hash, [`Reservation::end`]) as its own task, and waits for it.
 ///
 /// Why a task: if it ran inside the request, a client that hangs up right after sending would
-/// cancel it mid-check; its reservation would be given back unjudged, so a wrong guess would
-/// never count and one address could keep argon2 busy at full rate without ever being
-/// throttled. As a task the attempt is decided and counted whatever the client does.
+/// cancel it part-way: a reservation made in the store but never seen (left until its TTL), or
+/// one given back unjudged, so a wrong guess would never count and one address could keep
+/// argon2 busy at full rate without ever being throttled. As a task the attempt is decided and
+/// counted whatever the client does.
 async fn decide<T: Send + 'static>(
     attempt: impl Future<Output = Result<T, RequestError>> + Send + 'static,
 ) -> Result<T, RequestError> {
