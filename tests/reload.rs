@@ -166,17 +166,7 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
             .find_map(|l| l.strip_prefix("keycard_config_last_reload_success_timestamp_seconds "))
             .map(|v| v.trim().to_owned())
     };
-    let metrics_url = gw.admin_url("/metrics");
-    let before = stamp(
-        &gw.client
-            .get(&metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let before = stamp(&gw.metrics().await);
     assert!(before.is_some(), "the timestamp is set at startup");
 
     // Two errors in one file (an unknown key and a bad auth mode): both are rejected at once.
@@ -188,16 +178,7 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
         200,
         "old config still in force"
     );
-    let after = stamp(
-        &gw.client
-            .get(&metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let after = stamp(&gw.metrics().await);
     assert_eq!(before, after);
 
     // Not TOML at all.
@@ -256,15 +237,7 @@ async fn reload_counters_start_at_zero_and_a_file_written_in_pieces_is_loaded_on
         redis: _redis,
     } = Docs::start().await;
     // Both series exist from the start, so an alert on their increase sees the first error.
-    let text = gw
-        .client
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     for result in ["ok", "error"] {
         let line = format!("keycard_config_reloads_total{{result=\"{result}\"}} 0");
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");

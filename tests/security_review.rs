@@ -804,17 +804,6 @@ async fn odd_subjects_in_correctly_signed_tokens_are_401_invalid_token() {
 // Finding 8: a client's broken body is the client's fault
 // ============================================================================================
 
-async fn metrics(gw: &Gateway) -> String {
-    gw.client
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_chunked_body_on_a_proxied_route_is_400_and_close_not_502() {
     let s = Stack::start().await;
@@ -837,7 +826,7 @@ async fn malformed_chunked_body_on_a_proxied_route_is_400_and_close_not_502() {
         );
         assert!(closed, "{body:?}: connection left open");
     }
-    let text = metrics(&s.gw).await;
+    let text = s.gw.metrics().await;
     assert!(
         !text.lines().any(|l| l.contains("status=\"502\"")),
         "counted as upstream failure:\n{text}"
@@ -861,7 +850,7 @@ async fn client_reset_mid_body_is_not_counted_as_an_upstream_failure() {
         drop(stream);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = metrics(&s.gw).await;
+    let text = s.gw.metrics().await;
     assert!(
         !text.lines().any(|l| l.contains("status=\"502\"")),
         "{text}"
@@ -954,7 +943,7 @@ async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
     let resp = s.gw.login_raw("ghost9", "wrong password!").await;
     assert_eq!(resp.status(), 429);
     // Every cancelled request still got its access-log line and metric, as 499.
-    let text = metrics(&s.gw).await;
+    let text = s.gw.metrics().await;
     assert!(
         text.lines()
             .any(|l| l.contains("route=\"login\"") && l.contains("status=\"499\"")),
