@@ -271,15 +271,15 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
             return Err(RequestError::BadRequest("Missing Host header".into()));
         }
         (Some(host), None) => {
-            let valid = http::uri::Authority::try_from(host.as_bytes())
-                .ok()
-                .filter(is_host);
-            let Some(host) = valid else {
+            if !is_host(host.as_bytes()) {
                 return Err(RequestError::BadRequest("Invalid Host header".into()));
-            };
+            }
             if request.version() == Version::HTTP_2
                 && let Some(authority) = request.uri().authority()
-                && !authority.as_str().eq_ignore_ascii_case(host.as_str())
+                && !authority
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(host.as_bytes())
             {
                 return Err(RequestError::BadRequest(
                     "Host does not match :authority".into(),
@@ -290,7 +290,11 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
     }
     // The target's own authority (absolute form, HTTP/2 `:authority`) becomes the upstream's
     // Host: the same rules.
-    if request.uri().authority().is_some_and(|a| !is_host(a)) {
+    if request
+        .uri()
+        .authority()
+        .is_some_and(|a| !is_host(a.as_str().as_bytes()))
+    {
         return Err(RequestError::BadRequest("Invalid Host header".into()));
     }
     // On every route, public ones too: an upstream that reads auth itself must never have to
@@ -322,26 +326,46 @@ fn check_head<B>(request: &Request<B>, max: usize) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Whether an authority is a plain `host[:port]` (RFC 9110 §7.2): no userinfo (RFC 9113
-/// §8.3.1 forbids it in `:authority`; a back end's URL parser would read `good@evil` as host
-/// `evil` while a suffix check sees `good`), and a numeric port if any.
-fn is_host(authority: &http::uri::Authority) -> bool {
-    let text = authority.as_str();
-    if text.contains('@') {
-        return false;
-    }
-    // What follows the host: nothing, or `:port`. An IPv6 literal is bracketed.
-    let after_host = match text.strip_prefix('[') {
-        Some(rest) => rest.split_once(']').map(|(_, after)| after),
-        None => Some(text.find(':').map_or("", |i| &text[i..])),
+/// Whether a `Host` value or target authority is a plain `host[:port]` (RFC 9110 §7.2,
+/// RFC 3986 §3.2.2): a registered name or IPv4 address, or a bracketed IPv6 literal, then at
+/// most a numeric port. No userinfo (RFC 9113 §8.3.1 forbids it in `:authority`; a back end's
+/// URL parser would read `good@evil` as host `evil` while a suffix check sees `good`), no
+/// spaces, no path. Checked in place, without allocating, on every request.
+fn is_host(value: &[u8]) -> bool {
+    let (host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(inner) => match inner.iter().position(|&b| b == b']') {
+            Some(end) => (
+                end > 0
+                    && inner[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+                &inner[end + 1..],
+            ),
+            None => (false, &b""[..]),
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            let name = &value[..end];
+            (
+                !name.is_empty()
+                    && name.iter().all(|&b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$')
+                            || matches!(b, b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',')
+                            || matches!(b, b';' | b'=')
+                    }),
+                &value[end..],
+            )
+        }
     };
-    match after_host {
-        Some("") => true,
-        Some(port) => port
-            .strip_prefix(':')
-            .is_some_and(|digits| digits.parse::<u16>().is_ok()),
-        None => false,
-    }
+    host_ok
+        && match rest.strip_prefix(b":") {
+            None => rest.is_empty(),
+            Some(port) => {
+                port.iter().all(u8::is_ascii_digit)
+                    && std::str::from_utf8(port).is_ok_and(|p| p.parse::<u16>().is_ok())
+            }
+        }
 }
 
 /// The request path for the log: without the query (queries may carry secrets) and cut at
@@ -417,5 +441,44 @@ impl RequestIds {
         let text = format!("{:08x}{:012x}", self.prefix, n & 0xffff_ffff_ffff);
         // Hex digits are always a valid header value.
         HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("-"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_hosts_pass_and_anything_else_is_refused() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:65535",
+            "[::1]",
+            "[2001:db8::1]:443",
+            "xn--bcher-kva.example",
+            "example.com.",
+        ] {
+            assert!(is_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "user@evil.example",
+            "good.example@evil.example",
+            "example.com:abc",
+            "example.com:+80",
+            "example.com:65536",
+            "example.com:",
+            "example.com/x",
+            "a.com, b.com",
+            "[::1",
+            "[]:80",
+            "[::1]x",
+            ":80",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad}");
+        }
     }
 }

@@ -10,9 +10,10 @@
 //! are forwarded with their `Upgrade`/`Connection: upgrade` pair restored after hop-by-hop
 //! removal; any other protocol (`h2c` above all) is dropped with the other hop-by-hop headers
 //! and the request goes on as plain HTTP/1.1. A 101 is relayed only when it switches to the
-//! protocol the client asked for; then both sides are spliced together in a tunnel task. On protected routes the tunnel carries a
-//! [`SessionWatch`] and is closed when the token expires or is revoked; every tunnel is closed
-//! at shutdown (hyper's graceful shutdown does not track upgraded connections).
+//! protocol the client asked for; then both sides are spliced together in a tunnel task that
+//! keeps its connection's `max_connections` slot. Every tunnel carries a [`SessionWatch`] and
+//! is closed when the policy in force would no longer let it in (its token expired or was
+//! revoked, its route changed), and at shutdown.
 
 pub mod headers;
 pub mod request_body;
@@ -56,7 +57,7 @@ pub struct Caller<'a> {
     pub identity: &'a Identity,
     /// The upgrade to forward, from [`Policy::requested_upgrade`]; `None` for plain HTTP.
     pub upgrade: Option<HeaderValue>,
-    /// For an upgrade on a protected route: when the session must end.
+    /// For an upgrade: when the tunnel must end.
     pub session: Option<SessionWatch>,
 }
 
