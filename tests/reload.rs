@@ -45,29 +45,14 @@ async fn wait_reloads(gw: &Gateway, result: &str, n: u64) {
     }
 }
 
-/// A reloadable gateway with one public route, `/docs`, to an echo upstream.
-struct Docs {
-    redis: RedisServer,
-    up: Upstream,
-    opts: GatewayOpts,
-    gw: Gateway,
-    file: ConfigFile,
-}
-
-impl Docs {
-    async fn start() -> Docs {
-        let redis = RedisServer::new();
-        let up = Upstream::start().await;
-        let opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
-        let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
-        Docs {
-            redis,
-            up,
-            opts,
-            gw,
-            file,
-        }
-    }
+/// A reloadable gateway with one public route, `/docs`, to an echo upstream: (Redis, the
+/// upstream, the options its config file was written from, the gateway, the file).
+async fn docs_stack() -> (RedisServer, Upstream, GatewayOpts, Gateway, ConfigFile) {
+    let redis = RedisServer::new();
+    let up = Upstream::start().await;
+    let opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
+    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    (redis, up, opts, gw, file)
 }
 
 fn opts_with(redis: &RedisServer, routes: Vec<RouteSpec>) -> GatewayOpts {
@@ -131,13 +116,7 @@ async fn swapping_an_upstream_under_traffic_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_changed_from_public_to_required_needs_a_token_on_the_next_request() {
-    let Docs {
-        up,
-        mut opts,
-        gw,
-        file,
-        redis: _redis,
-    } = Docs::start().await;
+    let (_redis, up, mut opts, gw, file) = docs_stack().await;
     assert_eq!(gw.get("/docs/x", None).await.status(), 200);
     opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
     file.write(&opts.to_toml());
@@ -154,13 +133,7 @@ async fn a_route_changed_from_public_to_required_needs_a_token_on_the_next_reque
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
-    let Docs {
-        up,
-        mut opts,
-        gw,
-        file,
-        redis: _redis,
-    } = Docs::start().await;
+    let (_redis, up, mut opts, gw, file) = docs_stack().await;
     let stamp = |text: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix("keycard_config_last_reload_success_timestamp_seconds "))
@@ -195,13 +168,7 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
-    let Docs {
-        up,
-        mut opts,
-        gw,
-        file,
-        redis: store,
-    } = Docs::start().await;
+    let (store, up, mut opts, gw, file) = docs_stack().await;
     // A new listen address, store prefix and connection cap, and a route change.
     opts.prefix = Some("other:".into());
     opts.server_extra = vec!["max_connections = 1".into()];
@@ -229,13 +196,7 @@ async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_counters_start_at_zero_and_a_file_written_in_pieces_is_loaded_once() {
-    let Docs {
-        up,
-        mut opts,
-        gw,
-        file,
-        redis: _redis,
-    } = Docs::start().await;
+    let (_redis, up, mut opts, gw, file) = docs_stack().await;
     // Both series exist from the start, so an alert on their increase sees the first error.
     let text = gw.metrics().await;
     for result in ["ok", "error"] {
@@ -262,13 +223,7 @@ async fn reload_counters_start_at_zero_and_a_file_written_in_pieces_is_loaded_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_reloads_even_when_the_file_did_not_change() {
     // The upstream and Redis must live to the end too, so bind them.
-    let Docs {
-        gw,
-        file,
-        up: _up,
-        redis: _redis,
-        ..
-    } = Docs::start().await;
+    let (_redis, _up, _, gw, file) = docs_stack().await;
     file.hup().await;
     wait_reloads(&gw, "ok", 1).await;
     file.hup().await;
@@ -281,13 +236,7 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     // Kubernetes mounts a ConfigMap as dir/keycard.toml -> ..data/keycard.toml, with
     // ..data -> ..<timestamp>/; an update writes a new timestamped folder and swaps ..data.
     use std::os::unix::fs::symlink;
-    let Docs {
-        up,
-        mut opts,
-        gw,
-        file,
-        redis: _redis,
-    } = Docs::start().await;
+    let (_redis, up, mut opts, gw, file) = docs_stack().await;
     let dir = &file.dir;
     let v1 = dir.join("..2026_11_30_v1");
     std::fs::create_dir(&v1).unwrap();
