@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey};
 use keycard::auth::token::{TokenType, Tokens};
-use keycard::config::{AuthMode, Config, RouteConfig, Secret, StoreUrl, TokenConfig, Upstream};
+use keycard::config::{
+    AuthMode, Config, ExposeSecret, RouteConfig, Secret, StoreUrl, TokenConfig, Upstream,
+};
 use keycard::routes::{Router, canonicalize, upstream_path};
 
 // ---- token_verify ----
@@ -40,12 +42,9 @@ pub fn tokens() -> &'static Tokens {
     static TOKENS: OnceLock<Tokens> = OnceLock::new();
     TOKENS.get_or_init(|| {
         Tokens::new(&TokenConfig {
-            algorithm: Algorithm::HS256,
-            secret: Secret::new(SECRET.to_vec()),
+            secret: Secret::from(SECRET.to_vec()),
             issuer: ISSUER.into(),
-            access_ttl: Duration::from_secs(900),
-            refresh_ttl: Duration::from_secs(7 * 86400),
-            leeway: Duration::ZERO,
+            ..TokenConfig::default()
         })
     })
 }
@@ -377,7 +376,10 @@ pub fn check_config_parse(data: &[u8]) {
     };
 
     let t = &config.tokens;
-    assert!(t.secret.expose().len() >= 32, "short secret accepted");
+    assert!(
+        t.secret.expose_secret().len() >= 32,
+        "short secret accepted"
+    );
     assert!(t.access_ttl >= Duration::from_secs(1) && t.refresh_ttl >= Duration::from_secs(1));
     assert!(
         t.leeway <= Duration::from_secs(300),
@@ -423,7 +425,7 @@ pub fn check_config_parse(data: &[u8]) {
     assert!(!described.is_empty());
     let debug = format!("{config:?}");
     let mut other = config.clone();
-    other.tokens.secret = Secret::new(b"a-completely-different-secret-value-0123".to_vec());
+    other.tokens.secret = Secret::from(b"a-completely-different-secret-value-0123".to_vec());
     if let StoreUrl::Redis(_) = other.store.url {
         other.store.url = StoreUrl::Redis("redis://:hunter2@elsewhere:6380/3".into());
     }

@@ -1,11 +1,18 @@
-//! Config: the TOML file, parsed once into typed, validated structs.
+//! Config: the TOML file, read once into typed, validated structs.
 //!
-//! Everything the request path needs is resolved here (socket addresses, durations, header
-//! names, compiled routes, the secret), so no request ever re-parses a string. This module is
-//! pure: no hyper server, no redis, no tokio. Errors are collected, not returned at the first
-//! one, so an operator fixes a file in one pass; each names the key and, where the TOML parser
-//! knows it, the line and column.
+//! serde reads the file straight into the typed structs below. Each field's type or
+//! `deserialize_with` function carries its rule (a socket address, a duration with a unit and
+//! bounds, an `http://` upstream), so no request ever re-parses a string, and the defaults
+//! live in one place, the `Default` impls. What needs more than one key (required sections,
+//! the secret, duplicate routes) is checked afterwards in [`Reader::validate`]. This module is
+//! pure: no hyper server, no redis, no tokio.
+//!
+//! serde stops at the first error, but an operator wants every problem in one pass. So
+//! [`Config::parse`] records the error, removes the offending key or array item from the
+//! document, and reads again until the rest reads clean. Each error names its dotted key and,
+//! from the TOML spans, its line and column.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,11 +20,21 @@ use std::time::Duration;
 
 use http::HeaderName;
 use ipnet::IpNet;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+use toml::de::{DeArray, DeTable, DeValue};
 
-/// The whole validated configuration. Built only by [`Config::load`] or [`Config::parse`].
-#[derive(Debug, Clone)]
+/// Re-exported so users of [`Secret`] need no direct secrecy dependency.
+pub use secrecy::ExposeSecret;
+
+/// The token signing key. secrecy keeps it out of `Debug` and zeroes it on drop.
+pub type Secret = secrecy::SecretSlice<u8>;
+
+/// The whole validated configuration. Built by [`Config::load`] or [`Config::parse`], or in
+/// code from `Config::default()` (tests, `keycard dev`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The public listener and its connection limits.
     pub server: ServerConfig,
@@ -37,60 +54,119 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-/// `[server]`.
-#[derive(Debug, Clone)]
+/// `[server]`. Durations below are written with a unit (`"10s"`, `"1h30m"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// `server.listen`.
+    /// `server.listen` (required in a file).
+    #[serde(deserialize_with = "parsed")]
     pub listen: SocketAddr,
     /// `server.trusted_proxies`: peers whose `X-Forwarded-*` we extend instead of replace.
+    #[serde(deserialize_with = "list::<_, IpNet>")]
     pub trusted_proxies: Vec<IpNet>,
-    /// `server.header_read_timeout` (default 10s): slowloris protection.
+    /// `server.header_read_timeout`: slowloris protection.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub header_read_timeout: Duration,
-    /// `server.shutdown_timeout` (default 30s): how long in-flight requests may drain.
+    /// `server.shutdown_timeout`: how long in-flight requests may drain.
+    #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
     pub shutdown_timeout: Duration,
-    /// `server.max_connections` (default 10000): accepted connections beyond this wait.
+    /// `server.max_connections`: accepted connections beyond this wait.
+    #[serde(deserialize_with = "int::<_, _, 1, U32>")]
     pub max_connections: usize,
-    /// `server.max_header_bytes` (default 32768): request headers adding up to more are 431.
+    /// `server.max_header_bytes`: request headers adding up to more are 431. hyper's read
+    /// buffer (and so the largest head) is at least 8 KiB; a limit below a few KiB would
+    /// refuse ordinary browsers.
+    #[serde(deserialize_with = "int::<_, _, 4096, MIB>")]
     pub max_header_bytes: usize,
-    /// `server.max_target_bytes` (default 8192): a longer request target is 414.
+    /// `server.max_target_bytes`: a longer request target is 414.
+    #[serde(deserialize_with = "int::<_, _, 256, MIB>")]
     pub max_target_bytes: usize,
-    /// `server.max_auth_body_bytes` (default 16384): a larger auth endpoint body is 413.
+    /// `server.max_auth_body_bytes`: a larger auth endpoint body is 413.
+    #[serde(deserialize_with = "int::<_, _, 256, MIB>")]
     pub max_auth_body_bytes: usize,
-    /// `server.upgrade_recheck` (default 10s): how often an upgraded (WebSocket) connection's
-    /// token is checked again for revocation; it is also closed the moment the token expires.
+    /// `server.upgrade_recheck`: how often an upgraded (WebSocket) connection's token is
+    /// checked again for revocation; it is also closed the moment the token expires.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub upgrade_recheck: Duration,
-    /// `server.upgrade_protocols` (default `["websocket"]`, lowercased): the only `Upgrade`
-    /// protocols tunnelled. Any other is dropped and the request served as plain HTTP/1.1;
-    /// `h2c` is refused in the config, since a tunnelled h2c connection would carry requests
-    /// past every route and identity rule.
+    /// `server.upgrade_protocols` (lowercased): the only `Upgrade` protocols tunnelled. Any
+    /// other is dropped and the request served as plain HTTP/1.1; `h2c` is refused here,
+    /// since a tunnelled h2c connection would carry requests past every route and identity
+    /// rule.
+    #[serde(deserialize_with = "protocols")]
     pub upgrade_protocols: Vec<String>,
-    /// `server.body_read_timeout` (default 10s): an auth endpoint's whole body must arrive
-    /// within this, else 408 and the connection is closed.
+    /// `server.body_read_timeout`: an auth endpoint's whole body must arrive within this,
+    /// else 408 and the connection is closed.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub body_read_timeout: Duration,
-    /// `server.body_idle_timeout` (default 30s): a proxied request body that makes no
-    /// progress for this long is cut and the connection closed.
+    /// `server.body_idle_timeout`: a proxied request body that makes no progress for this
+    /// long is cut and the connection closed.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub body_idle_timeout: Duration,
-    /// `server.h2_idle_timeout` (default 60s): an HTTP/2 connection with no open stream for
-    /// this long gets GOAWAY; keep-alive pings every half of it find dead peers.
+    /// `server.h2_idle_timeout`: an HTTP/2 connection with no open stream for this long gets
+    /// GOAWAY; keep-alive pings every half of it find dead peers.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub h2_idle_timeout: Duration,
 }
 
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: LOOPBACK_ANY_PORT,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_header_bytes: 32 * 1024,
+            max_target_bytes: 8 * 1024,
+            max_auth_body_bytes: 16 * 1024,
+            upgrade_recheck: Duration::from_secs(10),
+            upgrade_protocols: vec!["websocket".to_owned()],
+            body_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            h2_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// `admin.listen`.
+    /// `admin.listen` (required in a file).
+    #[serde(deserialize_with = "parsed")]
     pub listen: SocketAddr,
 }
 
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: LOOPBACK_ANY_PORT,
+        }
+    }
+}
+
 /// `[store]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `store.url`: which backend.
+    /// `store.url` (required in a file): which backend.
+    #[serde(deserialize_with = "parsed")]
     pub url: StoreUrl,
-    /// `store.prefix` (default `keycard:`), put before every key.
+    /// `store.prefix`, put before every key.
     pub prefix: String,
-    /// `store.timeout` (default 2s): a hung store must not hang requests.
+    /// `store.timeout`: a hung store must not hang requests.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: StoreUrl::Memory,
+            prefix: "keycard:".to_owned(),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The parsed `store.url`.
@@ -98,8 +174,7 @@ pub struct StoreConfig {
 pub enum StoreUrl {
     /// `memory://`: embedded, single instance.
     Memory,
-    /// `redis://…`, kept as written (it may carry a password, so `Debug`
-    /// hides it).
+    /// `redis://…`, kept as written (it may carry a password, so `Debug` hides it).
     Redis(String),
 }
 
@@ -112,68 +187,142 @@ impl fmt::Debug for StoreUrl {
     }
 }
 
-/// `[tokens]`.
-#[derive(Debug, Clone)]
+/// `[tokens]`. Token times are whole seconds, so a TTL under one second would issue tokens
+/// that are already expired. A year at most: a revocation entry lives as long as its token,
+/// and a token that outlives any sane entry could not be revoked. Leeway is clock skew, not a
+/// policy knob: more than five minutes is a misconfiguration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TokenConfig {
     /// `tokens.algorithm`: HS256, HS384 or HS512; the only one accepted on verification.
+    #[serde(deserialize_with = "parsed")]
     pub algorithm: jsonwebtoken::Algorithm,
-    /// `tokens.secret` or the contents of `tokens.secret_file`.
+    /// `tokens.secret`, or after validation the contents of `tokens.secret_file`.
+    #[serde(deserialize_with = "secret")]
     pub secret: Secret,
-    /// `tokens.issuer` (default `keycard`).
+    /// `tokens.secret_file`: where the secret was read from, if not inline.
+    pub secret_file: Option<PathBuf>,
+    /// `tokens.issuer`.
+    #[serde(deserialize_with = "non_empty")]
     pub issuer: String,
-    /// `tokens.access_ttl` (default 15m, at most 365d).
+    /// `tokens.access_ttl`.
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
     pub access_ttl: Duration,
-    /// `tokens.refresh_ttl` (default 7d, at most 365d).
+    /// `tokens.refresh_ttl`.
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
     pub refresh_ttl: Duration,
-    /// `tokens.leeway` (default 0s): clock skew allowed on `exp`, `nbf` and `iat`.
+    /// `tokens.leeway`: clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(deserialize_with = "duration::<_, 0, FIVE_MINUTES>")]
     pub leeway: Duration,
 }
 
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            algorithm: jsonwebtoken::Algorithm::HS256,
+            secret: Secret::default(),
+            secret_file: None,
+            issuer: "keycard".to_owned(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(7 * 24 * 3600),
+            leeway: Duration::ZERO,
+        }
+    }
+}
+
 /// `[identity]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// `identity.user_header` (default `X-Auth-User`): where the username goes.
+    /// `identity.user_header`: where the username goes.
+    #[serde(deserialize_with = "parsed")]
     pub user_header: HeaderName,
-    /// `identity.prefix` (default `X-Auth-`), lowercased with `_` and `.` folded to `-`:
-    /// every client header whose folded name starts with it is removed.
+    /// `identity.prefix`, lowercased with `_` and `.` folded to `-`: every client header whose
+    /// folded name starts with it is removed.
+    #[serde(deserialize_with = "identity_prefix")]
     pub prefix: String,
 }
 
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            user_header: HeaderName::from_static("x-auth-user"),
+            prefix: "x-auth-".to_owned(),
+        }
+    }
+}
+
 /// `[passwords]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PasswordConfig {
-    /// `passwords.memory_kib` (default 19456, OWASP).
+    /// `passwords.memory_kib` (OWASP's 19 MiB by default).
+    #[serde(deserialize_with = "int::<_, _, 8, U32>")]
     pub memory_kib: u32,
-    /// `passwords.iterations` (default 2).
+    /// `passwords.iterations`.
+    #[serde(deserialize_with = "int::<_, _, 1, U32>")]
     pub iterations: u32,
-    /// `passwords.parallelism` (default 1).
+    /// `passwords.parallelism` (argon2 caps lanes at 2^24 - 1).
+    #[serde(deserialize_with = "int::<_, _, 1, 0x00FF_FFFF>")]
     pub parallelism: u32,
     /// `passwords.max_concurrent` (default: number of CPUs): hashes running at once.
+    #[serde(deserialize_with = "int::<_, _, 1, U32>")]
     pub max_concurrent: usize,
-    /// `passwords.queue_timeout` (default 5s): how long a login may wait for a hashing slot
-    /// before it is answered 503 with `Retry-After`.
+    /// `passwords.queue_timeout`: how long a login may wait for a hashing slot before it is
+    /// answered 503 with `Retry-After`.
+    #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
     pub queue_timeout: Duration,
-    /// `passwords.max_queue` (default 64): logins and registrations waiting for a slot beyond
-    /// this are answered 503 at once, so a login storm cannot pile up unbounded work.
+    /// `passwords.max_queue`: logins and registrations waiting for a slot beyond this are
+    /// answered 503 at once, so a login storm cannot pile up unbounded work.
+    #[serde(deserialize_with = "int::<_, _, 0, U32>")]
     pub max_queue: usize,
 }
 
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        PasswordConfig {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+            max_concurrent: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            queue_timeout: Duration::from_secs(5),
+            max_queue: 64,
+        }
+    }
+}
+
 /// `[throttle]`: failed-login limits, counted in the store so every replica shares them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ThrottleConfig {
-    /// `throttle.user_limit` (default 5; 0 disables): failed logins per username per window.
+    /// `throttle.user_limit` (0 disables): failed logins per username per window.
+    #[serde(deserialize_with = "int::<_, _, 0, U32>")]
     pub user_limit: u64,
-    /// `throttle.user_window` (default 15m).
+    /// `throttle.user_window`.
+    #[serde(deserialize_with = "duration::<_, SECOND, NO_MAX>")]
     pub user_window: Duration,
-    /// `throttle.address_limit` (default 50; 0 disables): failed logins per client address
-    /// per window.
+    /// `throttle.address_limit` (0 disables): failed logins per client address per window.
+    #[serde(deserialize_with = "int::<_, _, 0, U32>")]
     pub address_limit: u64,
-    /// `throttle.address_window` (default 15m).
+    /// `throttle.address_window`.
+    #[serde(deserialize_with = "duration::<_, SECOND, NO_MAX>")]
     pub address_window: Duration,
 }
 
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        ThrottleConfig {
+            user_limit: 5,
+            user_window: Duration::from_secs(15 * 60),
+            address_limit: 50,
+            address_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
 /// Whether a route needs a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// A valid, unrevoked access token is required.
     Required,
@@ -182,22 +331,46 @@ pub enum AuthMode {
 }
 
 /// One `[[routes]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RouteConfig {
-    /// `path`: a canonical prefix such as `/` or `/api` (no trailing slash except `/`).
+    /// `path` (required in a file): a canonical prefix such as `/` or `/api` (no trailing
+    /// slash except `/`), matched on whole segments.
+    #[serde(deserialize_with = "route_path")]
     pub path: String,
-    /// `upstream`: where matching requests go.
+    /// `upstream` (required in a file): where matching requests go.
+    #[serde(deserialize_with = "parsed")]
     pub upstream: Upstream,
-    /// `auth` (default `required`).
+    /// `auth`.
     pub auth: AuthMode,
-    /// `strip_prefix` (default false): remove `path` before forwarding.
+    /// `strip_prefix`: remove `path` before forwarding.
     pub strip_prefix: bool,
-    /// `forward_token` (default false): pass the client's `Authorization` upstream.
+    /// `forward_token`: pass the client's `Authorization` upstream.
     pub forward_token: bool,
-    /// `connect_timeout` (default 5s).
+    /// `connect_timeout`.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub connect_timeout: Duration,
-    /// `timeout` (default 60s): until the upstream's response headers arrive.
+    /// `timeout`: until the upstream's response headers arrive.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub timeout: Duration,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            path: "/".to_owned(),
+            upstream: Upstream {
+                scheme: http::uri::Scheme::HTTP,
+                authority: http::uri::Authority::from_static("127.0.0.1:80"),
+                base_path: String::new(),
+            },
+            auth: AuthMode::Required,
+            strip_prefix: false,
+            forward_token: false,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A parsed `http://host:port[/base]` upstream.
@@ -214,28 +387,6 @@ pub struct Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
-    }
-}
-
-/// Secret bytes whose `Debug` never shows them.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// Wraps raw secret bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(bytes)
-    }
-
-    /// The bytes, for building keys. Never log them.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
@@ -314,38 +465,26 @@ impl Config {
 
     /// Validates TOML text. `env` resolves `${VAR}`; tests pass a closure instead of touching
     /// the process environment. Every problem is collected before failing, so one run of
-    /// `keycard check` lists them all.
+    /// `keycard check` lists them all, in file order.
     pub fn parse(
         text: &str,
         file: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let mut cx = Ctx {
+        let mut reader = Reader {
             text,
-            env,
+            keys: Vec::new(),
             errors: Vec::new(),
         };
-        let config = match DeTable::parse(text) {
-            Ok(doc) => Some(cx.config(doc.get_ref())),
-            Err(e) => {
-                let position = e.span().map(|s| line_col(text, s.start));
-                cx.errors.push(ConfigError {
-                    key: String::new(),
-                    position,
-                    message: format!("invalid TOML: {}", e.message().trim_end()),
-                });
-                None
-            }
-        };
-        // In file order, so they read top to bottom; those without a position (missing
-        // sections) go last. The sort is stable, so ties keep the order they were found in.
-        cx.errors
-            .sort_by_key(|e| e.position.unwrap_or((usize::MAX, usize::MAX)));
+        let config = reader.read(env).map(|c| reader.validate(c));
+        let mut errors = reader.errors;
+        // Those without a position (missing sections) go last; the sort is stable.
+        errors.sort_by_key(|e| e.position.unwrap_or((usize::MAX, usize::MAX)));
         match config {
-            Some(config) if cx.errors.is_empty() => Ok(config),
+            Some(config) if errors.is_empty() => Ok(config),
             _ => Err(ConfigErrors {
                 file: file.to_path_buf(),
-                errors: cx.errors,
+                errors,
             }),
         }
     }
@@ -358,61 +497,34 @@ impl Config {
             StoreUrl::Memory => "memory (embedded, single instance)",
             StoreUrl::Redis(_) => "redis",
         };
+        let plural = if self.routes.len() == 1 { "" } else { "s" };
         let mut out = format!(
-            "listen {}, admin {}, store {}, {} route{}\n",
+            "listen {}, admin {}, store {store}, {} route{plural}\n",
             self.server.listen,
             self.admin.listen,
-            store,
             self.routes.len(),
-            if self.routes.len() == 1 { "" } else { "s" },
         );
         let mut routes: Vec<&RouteConfig> = self.routes.iter().collect();
         routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.path.cmp(&b.path)));
-        let rows: Vec<[String; 4]> = routes
+        let mut rows = vec![["PATH", "AUTH", "UPSTREAM", "FLAGS"].map(String::from)];
+        rows.extend(routes.iter().map(|r| {
+            let flags = [
+                ("strip_prefix", r.strip_prefix),
+                ("forward_token", r.forward_token),
+            ]
             .iter()
-            .map(|r| {
-                let auth = match r.auth {
-                    AuthMode::Required => "required",
-                    AuthMode::Public => "public",
-                };
-                let mut flags = Vec::new();
-                if r.strip_prefix {
-                    flags.push("strip_prefix");
-                }
-                if r.forward_token {
-                    flags.push("forward_token");
-                }
-                let flags = if flags.is_empty() {
-                    "-".to_string()
-                } else {
-                    flags.join(",")
-                };
-                [
-                    r.path.clone(),
-                    auth.to_string(),
-                    r.upstream.to_string(),
-                    flags,
-                ]
-            })
-            .collect();
-        let header = ["PATH", "AUTH", "UPSTREAM", "FLAGS"].map(String::from);
-        let mut widths = [0usize; 4];
-        for row in std::iter::once(&header).chain(rows.iter()) {
-            for (w, cell) in widths.iter_mut().zip(row.iter()) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        for row in std::iter::once(&header).chain(rows.iter()) {
-            let line = format!(
-                "  {:<w0$}  {:<w1$}  {:<w2$}  {}",
-                row[0],
-                row[1],
-                row[2],
-                row[3],
-                w0 = widths[0],
-                w1 = widths[1],
-                w2 = widths[2],
-            );
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(",");
+            let auth = format!("{:?}", r.auth).to_lowercase();
+            let flags = if flags.is_empty() { "-".into() } else { flags };
+            [r.path.clone(), auth, r.upstream.to_string(), flags]
+        }));
+        let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
+        let (w0, w1, w2) = (width(0), width(1), width(2));
+        for [path, auth, upstream, flags] in &rows {
+            let line = format!("  {path:<w0$}  {auth:<w1$}  {upstream:<w2$}  {flags}");
             out.push_str(line.trim_end());
             out.push('\n');
         }
@@ -421,71 +533,655 @@ impl Config {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parsing internals.
+// Reading: every error in one pass.
 
 type Span = std::ops::Range<usize>;
-type Val<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &[
-    "server",
-    "admin",
-    "store",
-    "tokens",
-    "identity",
-    "passwords",
-    "throttle",
-    "routes",
-];
-const SERVER_KEYS: &[&str] = &[
-    "listen",
-    "trusted_proxies",
-    "header_read_timeout",
-    "shutdown_timeout",
-    "max_connections",
-    "max_header_bytes",
-    "max_target_bytes",
-    "max_auth_body_bytes",
-    "upgrade_recheck",
-    "upgrade_protocols",
-    "body_read_timeout",
-    "body_idle_timeout",
-    "h2_idle_timeout",
-];
-const ADMIN_KEYS: &[&str] = &["listen"];
-const STORE_KEYS: &[&str] = &["url", "prefix", "timeout"];
-const TOKEN_KEYS: &[&str] = &[
-    "algorithm",
-    "secret",
-    "secret_file",
-    "issuer",
-    "access_ttl",
-    "refresh_ttl",
-    "leeway",
-];
-const IDENTITY_KEYS: &[&str] = &["user_header", "prefix"];
-const PASSWORD_KEYS: &[&str] = &[
-    "memory_kib",
-    "iterations",
-    "parallelism",
-    "max_concurrent",
-    "queue_timeout",
-    "max_queue",
-];
-const THROTTLE_KEYS: &[&str] = &[
-    "user_limit",
-    "user_window",
-    "address_limit",
-    "address_window",
-];
-const ROUTE_KEYS: &[&str] = &[
-    "path",
-    "upstream",
-    "auth",
-    "strip_prefix",
-    "forward_token",
-    "connect_timeout",
-    "timeout",
-];
+/// A key present in the file: its dotted name (`routes[1].path`) and where its key and value
+/// are. Names come from the file as written, so they stay right while failed keys are removed.
+struct Key {
+    name: String,
+    key_span: Span,
+    value_span: Span,
+}
+
+/// One read of one file: the source (for positions), the keys in it, the errors so far.
+struct Reader<'a> {
+    text: &'a str,
+    keys: Vec<Key>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader<'_> {
+    /// Parses the TOML, resolves `${VAR}`, and deserializes, removing each key that fails
+    /// and reading again, so one pass reports every bad value. `None` when even that fails.
+    fn read(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Option<Config> {
+        let mut doc = match DeTable::parse(self.text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let position = e.span().map(|s| line_col(self.text, s.start));
+                let message = format!("invalid TOML: {}", e.message().trim_end());
+                self.errors.push(ConfigError {
+                    key: String::new(),
+                    position,
+                    message,
+                });
+                return None;
+            }
+        };
+        for (k, v) in doc.get_ref().iter() {
+            index(k.get_ref().to_string(), k.span(), v, &mut self.keys);
+        }
+        let mut unresolved = Vec::new();
+        for (_, v) in doc.get_mut().iter_mut() {
+            interpolate_all(v, env, &mut unresolved);
+        }
+        for (span, message) in unresolved {
+            self.error_at(&span, message);
+            remove_at(doc.get_mut(), &span);
+        }
+        for _ in 0..=self.keys.len() {
+            match Config::deserialize(toml::de::Deserializer::from(doc.clone())) {
+                Ok(config) => return Some(config),
+                Err(e) => {
+                    let span = e.span().unwrap_or_default();
+                    let key = self.error_at(&span, e.message().to_owned());
+                    if key.is_empty() || !remove_at(doc.get_mut(), &span) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The checks that need more than one key, or the file rather than the values.
+    fn validate(&mut self, mut c: Config) -> Config {
+        self.require("server", &["listen"]);
+        self.require("admin", &["listen"]);
+        self.require("store", &["url"]);
+        self.secret(&mut c.tokens);
+        let passwords = &c.passwords;
+        if u64::from(passwords.memory_kib) < 8 * u64::from(passwords.parallelism) {
+            let least = 8 * u64::from(passwords.parallelism);
+            let message =
+                format!("must be at least 8 × parallelism = {least} (argon2 needs 8 KiB per lane)");
+            self.error_key("passwords.memory_kib", message);
+        }
+        let required = "at least one [[routes]] entry is required";
+        match self.value_span("routes") {
+            None => self.error("routes", None, required),
+            Some(_) if self.has_error("routes") => {}
+            Some(span) if c.routes.is_empty() => self.error("routes", Some(span), required),
+            Some(_) => {}
+        }
+        let mut i = 0;
+        while self.value_span(&format!("routes[{i}]")).is_some() {
+            self.require(&format!("routes[{i}]"), &["path", "upstream"]);
+            i += 1;
+        }
+        if i == c.routes.len() {
+            for (i, route) in c.routes.iter().enumerate() {
+                let key = format!("routes[{i}].path");
+                let first = c.routes[..i].iter().position(|r| r.path == route.path);
+                if let Some(first) = first.filter(|_| self.value_span(&key).is_some()) {
+                    let message = format!(
+                        "duplicate route path {:?} (already used by routes[{first}])",
+                        route.path
+                    );
+                    self.error_key(&key, message);
+                }
+            }
+        }
+        c
+    }
+
+    /// `tokens.secret` or `tokens.secret_file`: exactly one, at least 32 bytes. No message
+    /// ever contains the secret itself.
+    fn secret(&mut self, tokens: &mut TokenConfig) {
+        if self.has_error("tokens") {
+            return;
+        }
+        let inline = self.value_span("tokens.secret").is_some();
+        let key = match (inline, &tokens.secret_file) {
+            _ if self.has_error("tokens.secret") || self.has_error("tokens.secret_file") => return,
+            (true, Some(_)) => {
+                let message = "set either tokens.secret or tokens.secret_file, not both";
+                return self.error_key("tokens.secret_file", message.to_owned());
+            }
+            (false, None) => {
+                let span = self.value_span("tokens");
+                let message = "missing required key (set tokens.secret or tokens.secret_file)";
+                return self.error("tokens.secret", span, message);
+            }
+            (true, None) => "tokens.secret",
+            (false, Some(path)) => match read_small_file(path, MAX_SECRET_FILE_BYTES) {
+                Ok(mut bytes) => {
+                    let end = bytes.strip_suffix(b"\r\n").or(bytes.strip_suffix(b"\n"));
+                    bytes.truncate(end.map_or(bytes.len(), <[u8]>::len));
+                    tokens.secret = Secret::from(bytes);
+                    "tokens.secret_file"
+                }
+                Err(e) => {
+                    let message = format!("cannot read {}: {e}", path.display());
+                    return self.error_key("tokens.secret_file", message);
+                }
+            },
+        };
+        let len = tokens.secret.expose_secret().len();
+        if len < MIN_SECRET_BYTES {
+            let message = format!(
+                "secret is {len} bytes; HS* needs at least {MIN_SECRET_BYTES} (generate one with `openssl rand -base64 48`)"
+            );
+            self.error_key(key, message);
+        }
+    }
+
+    /// Reports `keys` of `section` that the file lacks (at the section's header), or the
+    /// section itself when it is missing; keys that already have an error are not repeated.
+    fn require(&mut self, section: &str, keys: &[&str]) {
+        let Some(span) = self.value_span(section) else {
+            let message = format!("missing required section [{section}]");
+            return self.error(section, None, message);
+        };
+        for key in keys {
+            let key = format!("{section}.{key}");
+            if self.value_span(&key).is_none() && !self.has_error(section) && !self.has_error(&key)
+            {
+                self.error(key, Some(span.clone()), "missing required key");
+            }
+        }
+    }
+
+    fn value_span(&self, name: &str) -> Option<Span> {
+        let key = self.keys.iter().find(|k| k.name == name)?;
+        Some(key.value_span.clone())
+    }
+
+    fn has_error(&self, key: &str) -> bool {
+        self.errors.iter().any(|e| e.key == key)
+    }
+
+    fn error(&mut self, key: impl Into<String>, span: Option<Span>, message: impl Into<String>) {
+        let position = span.map(|s| line_col(self.text, s.start));
+        self.errors.push(ConfigError {
+            key: key.into(),
+            position,
+            message: message.into(),
+        });
+    }
+
+    /// An error on `key`, at its value when the file has it.
+    fn error_key(&mut self, key: &str, message: String) {
+        let span = self.value_span(key);
+        self.error(key, span, message);
+    }
+
+    /// An error at `span`, named after the innermost key there (empty when none is); returns
+    /// that key. serde's wording is put in the file's terms.
+    fn error_at(&mut self, span: &Span, message: String) -> String {
+        let exact = self
+            .keys
+            .iter()
+            .filter(|k| k.key_span == *span || k.value_span == *span);
+        let key = exact
+            .max_by_key(|k| k.name.len())
+            .map(|k| k.name.clone())
+            .unwrap_or_default();
+        let message = reword(&key, &message);
+        self.error(key.clone(), Some(span.clone()), message);
+        key
+    }
+}
+
+/// Lists every key under `name` with its spans, depth first.
+fn index(name: String, key_span: Span, value: &Spanned<DeValue<'_>>, out: &mut Vec<Key>) {
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            for (k, v) in table.iter() {
+                index(format!("{name}.{}", k.get_ref()), k.span(), v, out);
+            }
+        }
+        DeValue::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                index(format!("{name}[{i}]"), v.span(), v, out);
+            }
+        }
+        _ => {}
+    }
+    out.push(Key {
+        name,
+        key_span,
+        value_span: value.span(),
+    });
+}
+
+/// Removes the key or array item whose key or value is at `span`.
+fn remove_at(table: &mut DeTable<'_>, span: &Span) -> bool {
+    let hit = table
+        .iter()
+        .find(|(k, v)| k.span() == *span || v.span() == *span);
+    if let Some(name) = hit.map(|(k, _)| k.get_ref().to_string()) {
+        return table.remove(name.as_str()).is_some();
+    }
+    table.iter_mut().any(|(_, v)| match v.get_mut() {
+        DeValue::Table(t) => remove_at(t, span),
+        DeValue::Array(items) if items.iter().any(|item| item.span() == *span) => {
+            let kept = std::mem::replace(items, DeArray::new()).into_iter();
+            *items = kept.filter(|item| item.span() != *span).collect();
+            true
+        }
+        DeValue::Array(items) => items.iter_mut().any(|item| match item.get_mut() {
+            DeValue::Table(t) => remove_at(t, span),
+            _ => false,
+        }),
+        _ => false,
+    })
+}
+
+/// Replaces every `${VAR}` in every string from the environment; a string with a missing or
+/// malformed variable is reported (never silently emptied).
+fn interpolate_all(
+    value: &mut Spanned<DeValue<'_>>,
+    env: &dyn Fn(&str) -> Option<String>,
+    unresolved: &mut Vec<(Span, String)>,
+) {
+    let span = value.span();
+    match value.get_mut() {
+        DeValue::String(s) if s.contains("${") => match interpolate(s, env) {
+            Ok(resolved) => *s = Cow::Owned(resolved),
+            Err(message) => unresolved.push((span, message)),
+        },
+        DeValue::Array(items) => items
+            .iter_mut()
+            .for_each(|v| interpolate_all(v, env, unresolved)),
+        DeValue::Table(table) => table
+            .iter_mut()
+            .for_each(|(_, v)| interpolate_all(v, env, unresolved)),
+        _ => {}
+    }
+}
+
+fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut missing = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or("unterminated `${` (expected `${NAME}`)")?;
+        let name = &after[..end];
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "invalid variable name `${{{name}}}` (letters, digits and `_`, not starting with a digit)"
+            ));
+        }
+        match env(name) {
+            Some(value) => out.push_str(&value),
+            None => missing.push(format!("${{{name}}}")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    match missing.len() {
+        0 => Ok(out),
+        1 => Err(format!("environment variable {} not set", missing[0])),
+        _ => Err(format!(
+            "environment variables {} not set",
+            missing.join(", ")
+        )),
+    }
+}
+
+/// serde's messages, in the file's words: `invalid type: integer `3`, expected a string`
+/// becomes `expected a string, found integer`, and an unknown field an unknown key.
+fn reword(key: &str, message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let expected = rest.split_once(", expected ").map_or("", |(_, e)| e);
+        let expected = expected.trim_start_matches("one of ").replace('`', "");
+        return format!("unknown key (expected one of: {expected})");
+    }
+    if let Some((got, expected)) = message
+        .strip_prefix("unknown variant ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        return format!(
+            "must be {}, got {}",
+            expected.replace('`', "\""),
+            got.replace('`', "\"")
+        );
+    }
+    let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    else {
+        return message.to_owned();
+    };
+    let found = match found.split(' ').next().unwrap_or(found) {
+        "map" => "table",
+        "sequence" => "array",
+        "floating" => "float",
+        other => other,
+    };
+    match expected {
+        "a sequence" if key == "routes" => {
+            format!("expected an array of tables (write [[routes]], not [routes]), found {found}")
+        }
+        "a sequence" => format!("expected an array, found {found}"),
+        e if e.starts_with("struct ") => format!("expected a table, found {found}"),
+        e => format!("expected {e}, found {found}"),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// The largest config file keycard reads.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The largest `secret_file` keycard reads.
+const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+/// Reads a regular file of at most `max` bytes. Anything else is refused before it is opened
+/// or read: a FIFO would block (at startup, or a reloader for ever), `/dev/zero` would never
+/// end, a huge file would fill memory.
+fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if meta.len() > max || bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values: each field's rule, as a serde `deserialize_with` function.
+
+/// Bounds for durations (milliseconds) and integers, as const generic arguments.
+const NO_MAX: u64 = u64::MAX;
+const SECOND: u64 = 1_000;
+const FIVE_MINUTES: u64 = 300 * SECOND;
+const YEAR: u64 = 365 * 86_400 * SECOND;
+const U32: u64 = u32::MAX as u64;
+const MIB: u64 = 1 << 20;
+
+/// A config file's listen address when the file has none is an error; this default only
+/// serves configs built in code (tests), which want a free port.
+const LOOPBACK_ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// The minimum HS* key length: shorter keys make brute-forcing the signature realistic.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// A value written in the file as a string and parsed by its own rule.
+trait Parse: Sized {
+    fn parse(s: &str) -> Result<Self, String>;
+}
+
+/// A string, parsed by `parse`, whose message becomes the key's error. Parsing inside the
+/// visitor lets toml attach the value's own span, even for an array item.
+fn checked<'de, D: Deserializer<'de>, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    struct Checked<F>(F);
+    impl<T, F: FnOnce(&str) -> Result<T, String>> serde::de::Visitor<'_> for Checked<F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+            (self.0)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Checked(parse))
+}
+
+fn parsed<'de, D: Deserializer<'de>, T: Parse>(d: D) -> Result<T, D::Error> {
+    checked(d, T::parse)
+}
+
+/// One array item, parsed on its own so that an error names the item (`key[2]`).
+struct Item<T>(T);
+
+impl<'de, T: Parse> Deserialize<'de> for Item<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parsed(d).map(Item)
+    }
+}
+
+fn list<'de, D: Deserializer<'de>, T: Parse>(d: D) -> Result<Vec<T>, D::Error> {
+    let items = Vec::<Item<T>>::deserialize(d)?;
+    Ok(items.into_iter().map(|Item(t)| t).collect())
+}
+
+/// A duration with a unit, within `MIN_MS..=MAX_MS`. A bare number is an error: `10` could
+/// mean seconds or milliseconds.
+fn duration<'de, D: Deserializer<'de>, const MIN_MS: u64, const MAX_MS: u64>(
+    d: D,
+) -> Result<Duration, D::Error> {
+    let text = match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => {
+            let message =
+                format!("a duration needs a unit: write \"{i}s\" (units: ms, s, m, h, d)");
+            return Err(D::Error::custom(message));
+        }
+        other => {
+            let message = format!(
+                "expected a duration such as \"10s\", found {}",
+                other.type_str()
+            );
+            return Err(D::Error::custom(message));
+        }
+    };
+    let value = parse_duration(&text).map_err(D::Error::custom)?;
+    let (min, max) = (Duration::from_millis(MIN_MS), Duration::from_millis(MAX_MS));
+    if value < min {
+        return Err(D::Error::custom(match MIN_MS {
+            1 => "must be greater than zero".to_owned(),
+            _ => format!("must be at least {}s", min.as_secs()),
+        }));
+    }
+    if value > max {
+        return Err(D::Error::custom(format!(
+            "must be at most {}s",
+            max.as_secs()
+        )));
+    }
+    Ok(value)
+}
+
+/// An integer within `MIN..=MAX`.
+fn int<'de, D: Deserializer<'de>, T: TryFrom<u64>, const MIN: u64, const MAX: u64>(
+    d: D,
+) -> Result<T, D::Error> {
+    let n = match toml::Value::deserialize(d)? {
+        toml::Value::Integer(n) => n,
+        other => {
+            let message = format!("expected an integer, found {}", other.type_str());
+            return Err(D::Error::custom(message));
+        }
+    };
+    u64::try_from(n)
+        .ok()
+        .filter(|n| (MIN..=MAX).contains(n))
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| {
+            D::Error::custom(format!(
+                "must be an integer between {MIN} and {MAX}, got {n}"
+            ))
+        })
+}
+
+fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+    String::deserialize(d).map(|s| Secret::from(s.into_bytes()))
+}
+
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    checked(d, |s| match s {
+        "" => Err("must not be empty".to_owned()),
+        s => Ok(s.to_owned()),
+    })
+}
+
+/// Parses durations with humantime (`500ms`, `10s`, `15m`, `2h`, `7d`, `1h30m`), with a unit
+/// always and without spaces.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    use humantime::DurationError;
+    const HINT: &str =
+        "expected a duration such as \"500ms\", \"10s\", \"15m\", \"2h\", \"7d\" or \"1h30m\"";
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "duration {s:?} has no unit: add one, e.g. \"{s}s\" (units: ms, s, m, h, d)"
+        ));
+    }
+    if s.contains(char::is_whitespace) {
+        return Err(format!("invalid duration {s:?}: {HINT}, without spaces"));
+    }
+    humantime::parse_duration(s).map_err(|e| match e {
+        DurationError::Empty => format!("empty duration: {HINT}"),
+        DurationError::UnknownUnit { unit, .. } => {
+            format!("invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")
+        }
+        DurationError::NumberOverflow => format!("invalid duration {s:?}: too large"),
+        _ => format!("invalid duration {s:?}: {HINT}"),
+    })
+}
+
+impl Parse for SocketAddr {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|_| {
+            format!("invalid listen address {s:?}: expected IP:port such as \"0.0.0.0:8080\" or \"[::]:8080\"")
+        })
+    }
+}
+
+/// A CIDR, or a bare IP meaning just that address (/32 or /128).
+impl Parse for IpNet {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.contains('/') {
+            s.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
+                format!("invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"::1/128\"")
+            })
+        } else {
+            s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| {
+                format!("invalid IP address {s:?}: expected e.g. \"10.0.0.1\" or \"10.0.0.0/8\"")
+            })
+        }
+    }
+}
+
+/// `server.upgrade_protocols` items: protocol tokens (RFC 9110 §7.8), lowercased. HTTP/2 is
+/// an error: tunnelling it would hand the client a raw HTTP/2 connection to the upstream,
+/// past every route and identity rule.
+struct Protocol(String);
+
+impl Parse for Protocol {
+    fn parse(s: &str) -> Result<Self, String> {
+        let name = s.to_ascii_lowercase();
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+        if !token {
+            return Err(format!("{name:?} is not a protocol token"));
+        }
+        let h2 = ["h2c", "h2"]
+            .iter()
+            .any(|h2| name == *h2 || name.starts_with(&format!("{h2}/")));
+        if h2 || name.starts_with("http/2") {
+            return Err("HTTP/2 (h2c) is never tunnelled: an upgraded HTTP/2 connection would bypass every route and identity rule".to_owned());
+        }
+        Ok(Protocol(name))
+    }
+}
+
+fn protocols<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(list(d)?.into_iter().map(|Protocol(p)| p).collect())
+}
+
+/// `memory://`, or a `redis://` URL kept as written. Messages never echo the URL: it may
+/// carry a password. `rediss://` is refused here rather than at the first connection: this
+/// build has no Redis TLS, and `keycard check` must not pass a config `run` cannot use.
+impl Parse for StoreUrl {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s == "memory://" {
+            return Ok(StoreUrl::Memory);
+        }
+        if s.starts_with("rediss://") {
+            return Err("rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a local TLS tunnel".to_owned());
+        }
+        if !s.starts_with("redis://") {
+            return Err(
+                "unsupported store URL: expected \"memory://\" or \"redis://…\"".to_owned(),
+            );
+        }
+        let uri: http::Uri = s.parse().map_err(|_| {
+            "invalid redis URL (expected redis://[:password@]host[:port][/db])".to_owned()
+        })?;
+        if uri.host().is_none_or(str::is_empty) {
+            return Err("redis URL has no host (expected redis://host[:port][/db])".to_owned());
+        }
+        if !port_is_valid(&uri) {
+            return Err("redis URL has an invalid port (expected 1-65535)".to_owned());
+        }
+        Ok(StoreUrl::Redis(s.to_owned()))
+    }
+}
+
+/// `http::Uri` accepts `host:notaport` (its `port()` is then `None`); this rejects it, and
+/// port 0, by looking at what follows the host in the authority.
+fn port_is_valid(uri: &http::Uri) -> bool {
+    let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
+        return true;
+    };
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    match host_port.strip_prefix(host) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_some_and(|p| p != 0),
+        None => false,
+    }
+}
+
+impl Parse for jsonwebtoken::Algorithm {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "HS256" => Ok(jsonwebtoken::Algorithm::HS256),
+            "HS384" => Ok(jsonwebtoken::Algorithm::HS384),
+            "HS512" => Ok(jsonwebtoken::Algorithm::HS512),
+            other => Err(format!(
+                "unsupported algorithm {other:?}: only HS256, HS384 and HS512 are supported"
+            )),
+        }
+    }
+}
 
 /// Headers that must never carry the user's identity: the proxy strips, rewrites or
 /// interprets them itself, so an identity put there would be lost or would change framing,
@@ -511,956 +1207,6 @@ const RESERVED_IDENTITY_HEADERS: &[&str] = &[
     "x-forwarded-proto",
 ];
 
-/// The minimum HS* key length: shorter keys make brute-forcing the signature realistic.
-const MIN_SECRET_BYTES: usize = 32;
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before[line_start..].chars().count() + 1;
-    (line, col)
-}
-
-/// One table being read: its dotted name, its contents (`None` when it is absent or not a
-/// table), where its header is, and whether a missing required key should be reported (not
-/// when the whole section was already reported missing or mistyped).
-struct Section<'t, 'i> {
-    name: String,
-    table: Option<&'t DeTable<'i>>,
-    span: Option<Span>,
-    report_missing: bool,
-}
-
-impl<'t, 'i> Section<'t, 'i> {
-    fn key(&self, key: &str) -> String {
-        format!("{}.{}", self.name, key)
-    }
-
-    fn get(&self, key: &str) -> Option<&'t Val<'i>> {
-        self.table.and_then(|t| t.get(key))
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-}
-
-/// Parsing state: the source (for positions), the environment, and the errors so far.
-struct Ctx<'a> {
-    text: &'a str,
-    env: &'a dyn Fn(&str) -> Option<String>,
-    errors: Vec<ConfigError>,
-}
-
-impl Ctx<'_> {
-    fn error(&mut self, key: impl Into<String>, span: Option<Span>, message: impl Into<String>) {
-        let position = span.map(|s| line_col(self.text, s.start));
-        self.errors.push(ConfigError {
-            key: key.into(),
-            position,
-            message: message.into(),
-        });
-    }
-
-    /// Reports every key of `table` not in `known`.
-    fn unknown_keys(&mut self, prefix: &str, table: &DeTable<'_>, known: &[&str]) {
-        for (k, _) in table.iter() {
-            let name: &str = k.get_ref();
-            if !known.contains(&name) {
-                let key = if prefix.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{prefix}.{name}")
-                };
-                let what = if prefix.is_empty() {
-                    format!(
-                        "unknown section or key (expected one of: {})",
-                        known.join(", ")
-                    )
-                } else {
-                    format!("unknown key (expected one of: {})", known.join(", "))
-                };
-                self.error(key, Some(k.span()), what);
-            }
-        }
-    }
-
-    /// Opens the top-level table `name`, checking its keys against `known`.
-    fn section<'t, 'i>(
-        &mut self,
-        root: &'t DeTable<'i>,
-        name: &str,
-        known: &[&str],
-        required: bool,
-    ) -> Section<'t, 'i> {
-        match root.get(name) {
-            None => {
-                if required {
-                    self.error(name, None, format!("missing required section [{name}]"));
-                }
-                Section {
-                    name: name.to_string(),
-                    table: None,
-                    span: None,
-                    report_missing: !required,
-                }
-            }
-            Some(v) => match v.get_ref() {
-                DeValue::Table(t) => {
-                    self.unknown_keys(name, t, known);
-                    Section {
-                        name: name.to_string(),
-                        table: Some(t),
-                        span: Some(v.span()),
-                        report_missing: true,
-                    }
-                }
-                other => {
-                    self.error(
-                        name,
-                        Some(v.span()),
-                        format!("expected a table [{name}], found {}", other.type_str()),
-                    );
-                    Section {
-                        name: name.to_string(),
-                        table: None,
-                        span: None,
-                        report_missing: false,
-                    }
-                }
-            },
-        }
-    }
-
-    /// Looks up `key`, reporting it when it is required and absent.
-    fn lookup<'t, 'i>(
-        &mut self,
-        sec: &Section<'t, 'i>,
-        key: &str,
-        required: bool,
-    ) -> Option<&'t Val<'i>> {
-        let v = sec.get(key);
-        if v.is_none() && required && sec.report_missing {
-            self.error(sec.key(key), sec.span.clone(), "missing required key");
-        }
-        v
-    }
-
-    /// Replaces every `${VAR}` in `s` from the environment; a missing or malformed variable
-    /// is an error (never an empty string).
-    fn interpolate(&mut self, key: &str, span: Span, s: &str) -> Option<String> {
-        let mut out = String::with_capacity(s.len());
-        let mut missing = Vec::new();
-        let mut rest = s;
-        while let Some(start) = rest.find("${") {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let Some(end) = after.find('}') else {
-                self.error(key, Some(span), "unterminated `${` (expected `${NAME}`)");
-                return None;
-            };
-            let name = &after[..end];
-            let valid = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                self.error(
-                    key,
-                    Some(span),
-                    format!(
-                        "invalid variable name `${{{name}}}` (letters, digits and `_`, not starting with a digit)"
-                    ),
-                );
-                return None;
-            }
-            match (self.env)(name) {
-                Some(value) => out.push_str(&value),
-                None => missing.push(name),
-            }
-            rest = &after[end + 1..];
-        }
-        out.push_str(rest);
-        if missing.is_empty() {
-            Some(out)
-        } else {
-            let names: Vec<String> = missing.iter().map(|n| format!("${{{n}}}")).collect();
-            let plural = if missing.len() == 1 { "" } else { "s" };
-            self.error(
-                key,
-                Some(span),
-                format!("environment variable{plural} {} not set", names.join(", ")),
-            );
-            None
-        }
-    }
-
-    /// A string value (interpolated), or an error naming the key.
-    fn string_of(&mut self, key: &str, v: &Val<'_>) -> Option<String> {
-        match v.get_ref() {
-            DeValue::String(s) => self.interpolate(key, v.span(), s),
-            other => {
-                self.error(
-                    key,
-                    Some(v.span()),
-                    format!("expected a string, found {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// A string value converted by `f`; `f`'s error message is reported against the key.
-    fn convert<T>(
-        &mut self,
-        key: &str,
-        v: &Val<'_>,
-        f: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let s = self.string_of(key, v)?;
-        match f(&s) {
-            Ok(t) => Some(t),
-            Err(msg) => {
-                self.error(key, Some(v.span()), msg);
-                None
-            }
-        }
-    }
-
-    /// `sec.key` as a string converted by `f`; `None` when absent or invalid (then reported).
-    fn get<T>(
-        &mut self,
-        sec: &Section<'_, '_>,
-        key: &str,
-        required: bool,
-        f: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let v = self.lookup(sec, key, required)?;
-        self.convert(&sec.key(key), v, f)
-    }
-
-    /// `sec.key` as a duration, `default` when absent; `positive` rejects zero.
-    fn duration(
-        &mut self,
-        sec: &Section<'_, '_>,
-        key: &str,
-        default: Duration,
-        positive: bool,
-    ) -> Duration {
-        let min = if positive {
-            Duration::from_millis(1)
-        } else {
-            Duration::ZERO
-        };
-        self.duration_in(sec, key, default, min, Duration::MAX)
-    }
-
-    /// `sec.key` as a duration within `min..=max`, `default` when absent.
-    fn duration_in(
-        &mut self,
-        sec: &Section<'_, '_>,
-        key: &str,
-        default: Duration,
-        min: Duration,
-        max: Duration,
-    ) -> Duration {
-        let Some(v) = self.lookup(sec, key, false) else {
-            return default;
-        };
-        let full = sec.key(key);
-        if let DeValue::Integer(i) = v.get_ref() {
-            self.error(
-                &full,
-                Some(v.span()),
-                format!(
-                    "a duration needs a unit: write \"{}s\" (units: ms, s, m, h, d)",
-                    i.as_str()
-                ),
-            );
-            return default;
-        }
-        self.convert(&full, v, |s| {
-            let d = parse_duration(s)?;
-            if d < min {
-                return Err(if min == Duration::from_millis(1) {
-                    "must be greater than zero".to_string()
-                } else {
-                    format!("must be at least {}s", min.as_secs())
-                });
-            }
-            if d > max {
-                return Err(format!("must be at most {}s", max.as_secs()));
-            }
-            Ok(d)
-        })
-        .unwrap_or(default)
-    }
-
-    /// `sec.key` as a boolean, `default` when absent.
-    fn boolean(&mut self, sec: &Section<'_, '_>, key: &str, default: bool) -> bool {
-        let Some(v) = self.lookup(sec, key, false) else {
-            return default;
-        };
-        match v.get_ref() {
-            DeValue::Boolean(b) => *b,
-            other => {
-                self.error(
-                    sec.key(key),
-                    Some(v.span()),
-                    format!("expected true or false, found {}", other.type_str()),
-                );
-                default
-            }
-        }
-    }
-
-    /// `sec.key` as an integer in `min..=max`, `default` when absent.
-    fn integer(
-        &mut self,
-        sec: &Section<'_, '_>,
-        key: &str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> u64 {
-        let Some(v) = self.lookup(sec, key, false) else {
-            return default;
-        };
-        let full = sec.key(key);
-        let DeValue::Integer(i) = v.get_ref() else {
-            self.error(
-                full,
-                Some(v.span()),
-                format!("expected an integer, found {}", v.get_ref().type_str()),
-            );
-            return default;
-        };
-        match i64::from_str_radix(i.as_str(), i.radix()) {
-            Ok(n) if n >= 0 && (n as u64) >= min && (n as u64) <= max => n as u64,
-            _ => {
-                self.error(
-                    full,
-                    Some(v.span()),
-                    format!("must be an integer between {min} and {max}, got {i}"),
-                );
-                default
-            }
-        }
-    }
-
-    // --- sections -----------------------------------------------------------------------
-
-    fn config(&mut self, root: &DeTable<'_>) -> Config {
-        self.unknown_keys("", root, TOP_KEYS);
-        let server = self.server(root);
-        let admin = self.admin(root);
-        let store = self.store(root);
-        let tokens = self.tokens(root);
-        let identity = self.identity(root);
-        let passwords = self.passwords(root);
-        let throttle = self.throttle(root);
-        let routes = self.routes(root);
-        Config {
-            server,
-            admin,
-            store,
-            tokens,
-            identity,
-            passwords,
-            throttle,
-            routes,
-        }
-    }
-
-    fn throttle(&mut self, root: &DeTable<'_>) -> ThrottleConfig {
-        let sec = self.section(root, "throttle", THROTTLE_KEYS, false);
-        let fifteen = Duration::from_secs(15 * 60);
-        ThrottleConfig {
-            user_limit: self.integer(&sec, "user_limit", 5, 0, u32::MAX.into()),
-            user_window: self.duration_in(
-                &sec,
-                "user_window",
-                fifteen,
-                Duration::from_secs(1),
-                Duration::MAX,
-            ),
-            address_limit: self.integer(&sec, "address_limit", 50, 0, u32::MAX.into()),
-            address_window: self.duration_in(
-                &sec,
-                "address_window",
-                fifteen,
-                Duration::from_secs(1),
-                Duration::MAX,
-            ),
-        }
-    }
-
-    fn server(&mut self, root: &DeTable<'_>) -> ServerConfig {
-        let sec = self.section(root, "server", SERVER_KEYS, true);
-        let listen = self
-            .get(&sec, "listen", true, parse_socket_addr)
-            .unwrap_or(UNSPECIFIED_ADDR);
-        let mut trusted_proxies = Vec::new();
-        if let Some(v) = self.lookup(&sec, "trusted_proxies", false) {
-            let key = sec.key("trusted_proxies");
-            match v.get_ref() {
-                DeValue::Array(items) => {
-                    for (i, item) in items.iter().enumerate() {
-                        let item_key = format!("{key}[{i}]");
-                        if let Some(net) = self.convert(&item_key, item, parse_ip_net) {
-                            trusted_proxies.push(net);
-                        }
-                    }
-                }
-                other => self.error(
-                    key,
-                    Some(v.span()),
-                    format!(
-                        "expected an array of CIDR strings such as [\"10.0.0.0/8\"], found {}",
-                        other.type_str()
-                    ),
-                ),
-            }
-        }
-        let header_read_timeout =
-            self.duration(&sec, "header_read_timeout", Duration::from_secs(10), true);
-        let shutdown_timeout =
-            self.duration(&sec, "shutdown_timeout", Duration::from_secs(30), false);
-        let max_connections =
-            self.integer(&sec, "max_connections", 10_000, 1, u32::MAX.into()) as usize;
-        // hyper's read buffer (and so the largest head) is at least 8 KiB; a limit below a
-        // few KiB would refuse ordinary browsers.
-        let max_header_bytes =
-            self.integer(&sec, "max_header_bytes", 32 * 1024, 4096, 1 << 20) as usize;
-        let max_target_bytes =
-            self.integer(&sec, "max_target_bytes", 8 * 1024, 256, 1 << 20) as usize;
-        let max_auth_body_bytes =
-            self.integer(&sec, "max_auth_body_bytes", 16 * 1024, 256, 1 << 20) as usize;
-        let upgrade_recheck = self.duration(&sec, "upgrade_recheck", Duration::from_secs(10), true);
-        let upgrade_protocols = self.upgrade_protocols(&sec);
-        let body_read_timeout =
-            self.duration(&sec, "body_read_timeout", Duration::from_secs(10), true);
-        let body_idle_timeout =
-            self.duration(&sec, "body_idle_timeout", Duration::from_secs(30), true);
-        let h2_idle_timeout = self.duration(&sec, "h2_idle_timeout", Duration::from_secs(60), true);
-        ServerConfig {
-            listen,
-            trusted_proxies,
-            header_read_timeout,
-            shutdown_timeout,
-            max_connections,
-            max_header_bytes,
-            max_target_bytes,
-            max_auth_body_bytes,
-            upgrade_recheck,
-            upgrade_protocols,
-            body_read_timeout,
-            body_idle_timeout,
-            h2_idle_timeout,
-        }
-    }
-
-    /// `server.upgrade_protocols`: an array of protocol tokens (RFC 9110 §7.8), lowercased.
-    /// `h2c` is an error: tunnelling it would hand the client a raw HTTP/2 connection to the
-    /// upstream, past every route and identity rule.
-    fn upgrade_protocols(&mut self, sec: &Section<'_, '_>) -> Vec<String> {
-        let Some(v) = self.lookup(sec, "upgrade_protocols", false) else {
-            return vec!["websocket".to_owned()];
-        };
-        let key = sec.key("upgrade_protocols");
-        let DeValue::Array(items) = v.get_ref() else {
-            let found = v.get_ref().type_str();
-            self.error(
-                key,
-                Some(v.span()),
-                format!(
-                    "expected an array of protocol names such as [\"websocket\"], found {found}"
-                ),
-            );
-            return Vec::new();
-        };
-        let mut protocols = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let item_key = format!("{key}[{i}]");
-            let name = match item.get_ref() {
-                DeValue::String(name) => name.to_ascii_lowercase(),
-                other => {
-                    let found = other.type_str();
-                    self.error(
-                        item_key,
-                        Some(item.span()),
-                        format!("expected a string, found {found}"),
-                    );
-                    continue;
-                }
-            };
-            let token = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
-            if !token {
-                self.error(
-                    item_key,
-                    Some(item.span()),
-                    format!("{name:?} is not a protocol token"),
-                );
-            } else if ["h2c", "h2", "http/2"].iter().any(|h2| {
-                name == *h2 || name.starts_with(&format!("{h2}/")) || name.starts_with("http/2")
-            }) {
-                self.error(
-                    item_key,
-                    Some(item.span()),
-                    "HTTP/2 (h2c) is never tunnelled: an upgraded HTTP/2 connection would bypass every route and identity rule".to_owned(),
-                );
-            } else {
-                protocols.push(name);
-            }
-        }
-        protocols
-    }
-
-    fn admin(&mut self, root: &DeTable<'_>) -> AdminConfig {
-        let sec = self.section(root, "admin", ADMIN_KEYS, true);
-        let listen = self
-            .get(&sec, "listen", true, parse_socket_addr)
-            .unwrap_or(UNSPECIFIED_ADDR);
-        AdminConfig { listen }
-    }
-
-    fn store(&mut self, root: &DeTable<'_>) -> StoreConfig {
-        let sec = self.section(root, "store", STORE_KEYS, true);
-        let url = self
-            .get(&sec, "url", true, parse_store_url)
-            .unwrap_or(StoreUrl::Memory);
-        let prefix = self
-            .get(&sec, "prefix", false, |s| Ok(s.to_string()))
-            .unwrap_or_else(|| "keycard:".to_string());
-        let timeout = self.duration(&sec, "timeout", Duration::from_secs(2), true);
-        StoreConfig {
-            url,
-            prefix,
-            timeout,
-        }
-    }
-
-    fn tokens(&mut self, root: &DeTable<'_>) -> TokenConfig {
-        let sec = self.section(root, "tokens", TOKEN_KEYS, false);
-        let algorithm = self
-            .get(&sec, "algorithm", false, parse_algorithm)
-            .unwrap_or(jsonwebtoken::Algorithm::HS256);
-        let secret = self.secret(&sec);
-        let issuer = self
-            .get(&sec, "issuer", false, |s| {
-                if s.is_empty() {
-                    Err("must not be empty".to_string())
-                } else {
-                    Ok(s.to_string())
-                }
-            })
-            .unwrap_or_else(|| "keycard".to_string());
-        // Token times are whole seconds, so a TTL under one second would issue tokens that
-        // are already expired. A year at most: a revocation entry lives as long as its token,
-        // and a token that outlives any sane entry could not be revoked.
-        let second = Duration::from_secs(1);
-        let year = Duration::from_secs(365 * 24 * 3600);
-        let access_ttl = self.duration_in(
-            &sec,
-            "access_ttl",
-            Duration::from_secs(15 * 60),
-            second,
-            year,
-        );
-        let refresh_ttl = self.duration_in(
-            &sec,
-            "refresh_ttl",
-            Duration::from_secs(7 * 24 * 3600),
-            second,
-            year,
-        );
-        // Leeway is clock skew, not a policy knob: more than five minutes is a misconfiguration.
-        let leeway = self.duration_in(
-            &sec,
-            "leeway",
-            Duration::ZERO,
-            Duration::ZERO,
-            Duration::from_secs(300),
-        );
-        TokenConfig {
-            algorithm,
-            secret,
-            issuer,
-            access_ttl,
-            refresh_ttl,
-            leeway,
-        }
-    }
-
-    /// `tokens.secret` or `tokens.secret_file`: exactly one, at least 32 bytes. No message
-    /// ever contains the secret itself.
-    fn secret(&mut self, sec: &Section<'_, '_>) -> Secret {
-        let empty = Secret::new(Vec::new());
-        let (has_secret, has_file) = (sec.has("secret"), sec.has("secret_file"));
-        if has_secret && has_file {
-            let span = sec.get("secret_file").map(|v| v.span());
-            self.error(
-                sec.key("secret_file"),
-                span,
-                "set either tokens.secret or tokens.secret_file, not both",
-            );
-            return empty;
-        }
-        if !has_secret && !has_file {
-            if sec.report_missing {
-                self.error(
-                    sec.key("secret"),
-                    sec.span.clone(),
-                    "missing required key (set tokens.secret or tokens.secret_file)",
-                );
-            }
-            return empty;
-        }
-        let (key, bytes) = if has_file {
-            let Some(v) = sec.get("secret_file") else {
-                return empty;
-            };
-            let key = sec.key("secret_file");
-            let Some(path) = self.string_of(&key, v) else {
-                return empty;
-            };
-            match read_small_file(Path::new(&path), MAX_SECRET_FILE_BYTES) {
-                Ok(mut bytes) => {
-                    if bytes.ends_with(b"\r\n") {
-                        bytes.truncate(bytes.len() - 2);
-                    } else if bytes.ends_with(b"\n") {
-                        bytes.truncate(bytes.len() - 1);
-                    }
-                    (key, (bytes, v.span()))
-                }
-                Err(e) => {
-                    self.error(key, Some(v.span()), format!("cannot read {path}: {e}"));
-                    return empty;
-                }
-            }
-        } else {
-            let Some(v) = sec.get("secret") else {
-                return empty;
-            };
-            let key = sec.key("secret");
-            let Some(s) = self.string_of(&key, v) else {
-                return empty;
-            };
-            (key, (s.into_bytes(), v.span()))
-        };
-        let (bytes, span) = bytes;
-        if bytes.len() < MIN_SECRET_BYTES {
-            self.error(
-                key,
-                Some(span),
-                format!(
-                    "secret is {} bytes; HS* needs at least {MIN_SECRET_BYTES} (generate one with `openssl rand -base64 48`)",
-                    bytes.len()
-                ),
-            );
-            return empty;
-        }
-        Secret::new(bytes)
-    }
-
-    fn identity(&mut self, root: &DeTable<'_>) -> IdentityConfig {
-        let sec = self.section(root, "identity", IDENTITY_KEYS, false);
-        let default_header = HeaderName::from_static("x-auth-user");
-        let user_header = self
-            .get(&sec, "user_header", false, parse_user_header)
-            .unwrap_or(default_header);
-        let prefix = self
-            .get(&sec, "prefix", false, parse_identity_prefix)
-            .unwrap_or_else(|| "x-auth-".to_string());
-        IdentityConfig {
-            user_header,
-            prefix,
-        }
-    }
-
-    fn passwords(&mut self, root: &DeTable<'_>) -> PasswordConfig {
-        let sec = self.section(root, "passwords", PASSWORD_KEYS, false);
-        let max_u32 = u64::from(u32::MAX);
-        let memory_kib = self.integer(&sec, "memory_kib", 19_456, 8, max_u32) as u32;
-        let iterations = self.integer(&sec, "iterations", 2, 1, max_u32) as u32;
-        // argon2 caps lanes at 2^24 - 1.
-        let parallelism = self.integer(&sec, "parallelism", 1, 1, 0x00FF_FFFF) as u32;
-        if u64::from(memory_kib) < 8 * u64::from(parallelism) {
-            let span = sec.get("memory_kib").map(|v| v.span());
-            self.error(
-                sec.key("memory_kib"),
-                span,
-                format!(
-                    "must be at least 8 × parallelism = {} (argon2 needs 8 KiB per lane)",
-                    8 * u64::from(parallelism)
-                ),
-            );
-        }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let max_concurrent =
-            self.integer(&sec, "max_concurrent", cpus as u64, 1, u32::MAX.into()) as usize;
-        let queue_timeout = self.duration(&sec, "queue_timeout", Duration::from_secs(5), false);
-        let max_queue = self.integer(&sec, "max_queue", 64, 0, u32::MAX.into()) as usize;
-        PasswordConfig {
-            memory_kib,
-            iterations,
-            parallelism,
-            max_concurrent,
-            queue_timeout,
-            max_queue,
-        }
-    }
-
-    fn routes(&mut self, root: &DeTable<'_>) -> Vec<RouteConfig> {
-        let Some(v) = root.get("routes") else {
-            self.error("routes", None, "at least one [[routes]] entry is required");
-            return Vec::new();
-        };
-        let DeValue::Array(items) = v.get_ref() else {
-            self.error(
-                "routes",
-                Some(v.span()),
-                format!(
-                    "expected an array of tables (write [[routes]], not [routes]), found {}",
-                    v.get_ref().type_str()
-                ),
-            );
-            return Vec::new();
-        };
-        if items.is_empty() {
-            self.error(
-                "routes",
-                Some(v.span()),
-                "at least one [[routes]] entry is required",
-            );
-        }
-        let mut routes = Vec::new();
-        let mut seen: Vec<(String, usize)> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let name = format!("routes[{i}]");
-            let DeValue::Table(t) = item.get_ref() else {
-                self.error(
-                    name,
-                    Some(item.span()),
-                    format!("expected a table, found {}", item.get_ref().type_str()),
-                );
-                continue;
-            };
-            self.unknown_keys(&name, t, ROUTE_KEYS);
-            let sec = Section {
-                name,
-                table: Some(t),
-                span: Some(item.span()),
-                report_missing: true,
-            };
-            let path = self.get(&sec, "path", true, parse_route_path);
-            if let Some(p) = &path {
-                if let Some((_, first)) = seen.iter().find(|(q, _)| q == p) {
-                    let span = sec.get("path").map(|v| v.span());
-                    self.error(
-                        sec.key("path"),
-                        span,
-                        format!("duplicate route path {p:?} (already used by routes[{first}])"),
-                    );
-                } else {
-                    seen.push((p.clone(), i));
-                }
-            }
-            let upstream = self.get(&sec, "upstream", true, parse_upstream);
-            let auth = self
-                .get(&sec, "auth", false, |s| match s {
-                    "required" => Ok(AuthMode::Required),
-                    "public" => Ok(AuthMode::Public),
-                    other => Err(format!("must be \"required\" or \"public\", got {other:?}")),
-                })
-                .unwrap_or(AuthMode::Required);
-            let strip_prefix = self.boolean(&sec, "strip_prefix", false);
-            let forward_token = self.boolean(&sec, "forward_token", false);
-            let connect_timeout =
-                self.duration(&sec, "connect_timeout", Duration::from_secs(5), true);
-            let timeout = self.duration(&sec, "timeout", Duration::from_secs(60), true);
-            if let (Some(path), Some(upstream)) = (path, upstream) {
-                routes.push(RouteConfig {
-                    path,
-                    upstream,
-                    auth,
-                    strip_prefix,
-                    forward_token,
-                    connect_timeout,
-                    timeout,
-                });
-            }
-        }
-        routes
-    }
-}
-
-/// Placeholder for a listen address that failed to parse; never returned in a `Config`.
-const UNSPECIFIED_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-
-/// The largest config file keycard reads.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// The largest `secret_file` keycard reads.
-const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
-
-/// Reads a regular file of at most `max` bytes. Anything else is refused before it is opened
-/// or read: a FIFO would block (at startup, or a reloader for ever), `/dev/zero` would never
-/// end, a huge file would fill memory.
-fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.len() > max {
-        return Err(format!("larger than {max} bytes"));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(max + 1).read_to_end(&mut bytes))
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > max {
-        return Err(format!("larger than {max} bytes"));
-    }
-    Ok(bytes)
-}
-
-fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("invalid listen address {s:?}: expected IP:port such as \"0.0.0.0:8080\" or \"[::]:8080\"")
-    })
-}
-
-/// A CIDR, or a bare IP meaning just that address (/32 or /128).
-fn parse_ip_net(s: &str) -> Result<IpNet, String> {
-    if s.contains('/') {
-        s.parse::<IpNet>()
-            .map(|n| n.trunc())
-            .map_err(|_| format!("invalid CIDR {s:?}: expected e.g. \"10.0.0.0/8\" or \"::1/128\""))
-    } else {
-        s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| {
-            format!("invalid IP address {s:?}: expected e.g. \"10.0.0.1\" or \"10.0.0.0/8\"")
-        })
-    }
-}
-
-/// Parses durations such as `500ms`, `10s`, `15m`, `2h`, `7d` or combinations (`1h30m`).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    const HINT: &str =
-        "expected a duration such as \"500ms\", \"10s\", \"15m\", \"2h\", \"7d\" or \"1h30m\"";
-    if s.is_empty() {
-        return Err(format!("empty duration: {HINT}"));
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "duration {s:?} has no unit: add one, e.g. \"{s}s\" (units: ms, s, m, h, d)"
-        ));
-    }
-    let bad = || format!("invalid duration {s:?}: {HINT}");
-    let mut total_ms: u64 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit_ms: u64 = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "" => {
-                return Err(format!(
-                    "invalid duration {s:?}: every number needs a unit (ms, s, m, h, d)"
-                ));
-            }
-            unit => {
-                return Err(format!(
-                    "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-                ));
-            }
-        };
-        rest = &rest[unit_len..];
-        total_ms = n
-            .checked_mul(unit_ms)
-            .and_then(|ms| total_ms.checked_add(ms))
-            .ok_or_else(|| format!("duration {s:?} is too large"))?;
-    }
-    Ok(Duration::from_millis(total_ms))
-}
-
-/// `memory://`, or a `redis://` URL kept as written. Messages never echo the URL: it may
-/// carry a password. `rediss://` is refused here rather than at the first connection: this
-/// build has no Redis TLS, and `keycard check` must not pass a config `run` cannot use.
-fn parse_store_url(s: &str) -> Result<StoreUrl, String> {
-    if s == "memory://" {
-        return Ok(StoreUrl::Memory);
-    }
-    if s.starts_with("rediss://") {
-        return Err(
-            "rediss:// (Redis over TLS) is not supported by this build; use redis:// on a \
-             trusted network or a local TLS tunnel"
-                .to_string(),
-        );
-    }
-    if s.starts_with("redis://") {
-        let uri: http::Uri = s.parse().map_err(|_| {
-            "invalid redis URL (expected redis://[:password@]host[:port][/db])".to_string()
-        })?;
-        if uri.host().is_none_or(str::is_empty) {
-            return Err("redis URL has no host (expected redis://host[:port][/db])".to_string());
-        }
-        if !port_is_valid(&uri) {
-            return Err("redis URL has an invalid port (expected 1-65535)".to_string());
-        }
-        return Ok(StoreUrl::Redis(s.to_string()));
-    }
-    Err("unsupported store URL: expected \"memory://\" or \"redis://…\"".to_string())
-}
-
-/// `http::Uri` accepts `host:notaport` (its `port()` is then `None`); this rejects it, and
-/// port 0, by looking at what follows the host in the authority.
-fn port_is_valid(uri: &http::Uri) -> bool {
-    let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
-        return true;
-    };
-    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
-    match host_port.strip_prefix(host) {
-        Some("") => true,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_some_and(|p| p != 0),
-        None => false,
-    }
-}
-
-fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
-    match s {
-        "HS256" => Ok(jsonwebtoken::Algorithm::HS256),
-        "HS384" => Ok(jsonwebtoken::Algorithm::HS384),
-        "HS512" => Ok(jsonwebtoken::Algorithm::HS512),
-        other => Err(format!(
-            "unsupported algorithm {other:?}: only HS256, HS384 and HS512 are supported"
-        )),
-    }
-}
-
 /// Lowercases and folds `_` and `.` to `-`, the way CGI-style back ends read header names.
 fn fold_header_name(s: &str) -> String {
     s.chars()
@@ -1471,27 +1217,31 @@ fn fold_header_name(s: &str) -> String {
         .collect()
 }
 
-fn parse_user_header(s: &str) -> Result<HeaderName, String> {
-    let name = HeaderName::from_bytes(s.as_bytes())
-        .map_err(|_| format!("{s:?} is not a valid HTTP header name"))?;
-    let folded = fold_header_name(name.as_str());
-    if RESERVED_IDENTITY_HEADERS.contains(&folded.as_str()) {
-        return Err(format!(
-            "{s:?} is a header the proxy itself handles (hop-by-hop, framing, routing or credentials); pick another name such as \"X-Auth-User\""
-        ));
+/// `identity.user_header`: any valid name but the reserved ones.
+impl Parse for HeaderName {
+    fn parse(s: &str) -> Result<Self, String> {
+        let name = HeaderName::from_bytes(s.as_bytes())
+            .map_err(|_| format!("{s:?} is not a valid HTTP header name"))?;
+        if RESERVED_IDENTITY_HEADERS.contains(&fold_header_name(name.as_str()).as_str()) {
+            return Err(format!(
+                "{s:?} is a header the proxy itself handles (hop-by-hop, framing, routing or credentials); pick another name such as \"X-Auth-User\""
+            ));
+        }
+        Ok(name)
     }
-    Ok(name)
 }
 
-fn parse_identity_prefix(s: &str) -> Result<String, String> {
-    let folded = fold_header_name(s);
-    if folded.is_empty() {
-        return Err("must not be empty".to_string());
-    }
-    if HeaderName::from_bytes(folded.as_bytes()).is_err() {
-        return Err(format!("{s:?} is not a valid header name prefix"));
-    }
-    Ok(folded)
+fn identity_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    checked(d, |s| {
+        let folded = fold_header_name(s);
+        if folded.is_empty() {
+            return Err("must not be empty".to_owned());
+        }
+        if HeaderName::from_bytes(folded.as_bytes()).is_err() {
+            return Err(format!("{s:?} is not a valid header name prefix"));
+        }
+        Ok(folded)
+    })
 }
 
 /// Checks a canonical path: starts with `/`, only visible ASCII, none of `% ; ? # \`, no
@@ -1517,74 +1267,81 @@ fn check_path(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_route_path(p: &str) -> Result<String, String> {
-    check_path(p)?;
-    if p.len() > 1 && p.ends_with('/') {
-        return Err(format!(
-            "path {p:?} must not end with \"/\" (write {:?}; it matches whole segments)",
-            p.trim_end_matches('/')
-        ));
-    }
-    Ok(p.to_string())
+fn route_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    checked(d, |p| {
+        check_path(p)?;
+        if p.len() > 1 && p.ends_with('/') {
+            return Err(format!(
+                "path {p:?} must not end with \"/\" (write {:?}; it matches whole segments)",
+                p.trim_end_matches('/')
+            ));
+        }
+        Ok(p.to_owned())
+    })
 }
 
 /// `http://host[:port][/base]`. The port defaults to 80 and is always written into the
 /// authority, so consumers can rely on `authority.port_u16()` being `Some`.
-fn parse_upstream(s: &str) -> Result<Upstream, String> {
-    let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-        format!("upstream {s:?} must be an absolute URL such as \"http://127.0.0.1:3000\"")
-    })?;
-    match scheme.to_ascii_lowercase().as_str() {
-        "http" => {}
-        "https" => {
+impl Parse for Upstream {
+    fn parse(s: &str) -> Result<Self, String> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("upstream {s:?} must be an absolute URL such as \"http://127.0.0.1:3000\"")
+        })?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "http" => {}
+            "https" => {
+                return Err(format!(
+                    "upstream {s:?}: https upstreams are not supported yet; use http://"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "upstream {s:?}: scheme {other:?} is not supported; use http://"
+                ));
+            }
+        }
+        if rest
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default()
+            .contains('@')
+        {
             return Err(format!(
-                "upstream {s:?}: https upstreams are not supported yet; use http://"
+                "upstream {s:?} must not contain user info (user@host)"
             ));
         }
-        other => {
+        if s.contains('?') || s.contains('#') {
             return Err(format!(
-                "upstream {s:?}: scheme {other:?} is not supported; use http://"
+                "upstream {s:?} must not contain a query or fragment"
             ));
         }
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
+        let host = uri.host().unwrap_or_default();
+        if host.is_empty() {
+            return Err(format!("upstream {s:?} has no host"));
+        }
+        if !port_is_valid(&uri) {
+            return Err(format!(
+                "upstream {s:?} has an invalid port (expected 1-65535)"
+            ));
+        }
+        let authority = match uri.port_u16() {
+            Some(_) => uri.authority().cloned(),
+            None => format!("{host}:80").parse().ok(),
+        }
+        .ok_or_else(|| format!("invalid upstream authority in {s:?}"))?;
+        let base_path = uri.path().trim_end_matches('/');
+        if !base_path.is_empty() {
+            check_path(base_path).map_err(|e| format!("upstream base {e}"))?;
+        }
+        Ok(Upstream {
+            scheme: http::uri::Scheme::HTTP,
+            authority,
+            base_path: base_path.to_owned(),
+        })
     }
-    let authority_part = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority_part.contains('@') {
-        return Err(format!(
-            "upstream {s:?} must not contain user info (user@host)"
-        ));
-    }
-    if s.contains('?') || s.contains('#') {
-        return Err(format!(
-            "upstream {s:?} must not contain a query or fragment"
-        ));
-    }
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
-    let host = uri.host().unwrap_or_default();
-    if host.is_empty() {
-        return Err(format!("upstream {s:?} has no host"));
-    }
-    if !port_is_valid(&uri) {
-        return Err(format!(
-            "upstream {s:?} has an invalid port (expected 1-65535)"
-        ));
-    }
-    let authority = match uri.port_u16() {
-        Some(_) => uri.authority().cloned(),
-        None => format!("{host}:80").parse().ok(),
-    }
-    .ok_or_else(|| format!("invalid upstream authority in {s:?}"))?;
-    let path = uri.path();
-    let base_path = path.trim_end_matches('/');
-    if !base_path.is_empty() {
-        check_path(base_path).map_err(|e| format!("upstream base {e}"))?;
-    }
-    Ok(Upstream {
-        scheme: http::uri::Scheme::HTTP,
-        authority,
-        base_path: base_path.to_string(),
-    })
 }
 
 #[cfg(test)]
@@ -1712,7 +1469,7 @@ upstream = "http://127.0.0.1:3000"
         );
         assert_eq!(c.store.prefix, "keycard:");
         assert_eq!(c.tokens.algorithm, jsonwebtoken::Algorithm::HS256);
-        assert_eq!(c.tokens.secret.expose(), SECRET.as_bytes());
+        assert_eq!(c.tokens.secret.expose_secret(), SECRET.as_bytes());
         assert_eq!(c.tokens.issuer, "keycard");
         assert_eq!(c.tokens.access_ttl, Duration::from_secs(900));
         assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(7 * 86_400));
@@ -2308,10 +2065,13 @@ unknown = true
             )
         };
         let c = parse(&with_file(&crlf)).unwrap();
-        assert_eq!(c.tokens.secret.expose(), SECRET.as_bytes());
+        assert_eq!(c.tokens.secret.expose_secret(), SECRET.as_bytes());
         // Only one trailing newline is stripped.
         let c = parse(&with_file(&lf2)).unwrap();
-        assert_eq!(c.tokens.secret.expose(), format!("{SECRET}\n").as_bytes());
+        assert_eq!(
+            c.tokens.secret.expose_secret(),
+            format!("{SECRET}\n").as_bytes()
+        );
 
         let e = one_error(&with_file(&short));
         assert_eq!(e.key, "tokens.secret_file");
@@ -2392,7 +2152,7 @@ auth = \"public\"
         ] {
             let c = Config::parse(text, Path::new(name), &env)
                 .unwrap_or_else(|e| panic!("{name}:\n{e}"));
-            assert_eq!(c.tokens.secret.expose(), SECRET.as_bytes(), "{name}");
+            assert_eq!(c.tokens.secret.expose_secret(), SECRET.as_bytes(), "{name}");
             assert!(!c.routes.is_empty());
         }
         let sidecar = Config::parse(

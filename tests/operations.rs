@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keycard::config::{Config, ConfigErrors};
+use keycard::config::{Config, ConfigErrors, ExposeSecret};
 use support::*;
 
 // ----------------------------------------------------------------------------- store
@@ -299,7 +299,7 @@ fn config_parses_documented_keys_and_durations() {
     assert_eq!(c.tokens.access_ttl, Duration::from_secs(900));
     assert_eq!(c.tokens.refresh_ttl, Duration::from_secs(7 * 86400));
     assert_eq!(c.tokens.leeway, Duration::from_secs(2));
-    assert_eq!(c.tokens.secret.expose(), SECRET.as_bytes());
+    assert_eq!(c.tokens.secret.expose_secret(), SECRET.as_bytes());
     assert_eq!(c.tokens.issuer, "keycard");
     assert_eq!(c.server.trusted_proxies.len(), 2);
     assert_eq!(c.passwords.memory_kib, 64);
@@ -699,6 +699,6 @@ fn config_secret_file_is_read_as_the_secret() {
         ),
     );
     let c = parse(&toml).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.tokens.secret.expose(), secret.as_bytes());
+    assert_eq!(c.tokens.secret.expose_secret(), secret.as_bytes());
     let _ = std::fs::remove_dir_all(dir);
 }

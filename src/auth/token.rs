@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TokenConfig;
@@ -149,7 +150,7 @@ impl Tokens {
     /// anything else makes every `issue` fail with [`TokenError::Signing`] and every `verify`
     /// fail as invalid, never accept.
     pub fn new(config: &TokenConfig) -> Tokens {
-        let secret = config.secret.expose();
+        let secret = config.secret.expose_secret();
         let leeway = config.leeway.as_secs().min(MAX_LEEWAY_SECS);
         if leeway < config.leeway.as_secs() {
             tracing::warn!(
@@ -357,12 +358,9 @@ mod tests {
 
     fn config(leeway: u64) -> TokenConfig {
         TokenConfig {
-            algorithm: Algorithm::HS256,
-            secret: Secret::new(SECRET.to_vec()),
-            issuer: "keycard".into(),
-            access_ttl: Duration::from_secs(900),
-            refresh_ttl: Duration::from_secs(7 * 86400),
+            secret: Secret::from(SECRET.to_vec()),
             leeway: Duration::from_secs(leeway),
+            ..TokenConfig::default()
         }
     }
 
@@ -755,12 +753,11 @@ mod revocation_tests {
     #[test]
     fn revocation_outlives_the_token_by_the_leeway() {
         let config = TokenConfig {
-            algorithm: Algorithm::HS256,
-            secret: Secret::new(b"0123456789abcdef0123456789abcdef".to_vec()),
-            issuer: "keycard".into(),
+            secret: Secret::from(b"0123456789abcdef0123456789abcdef".to_vec()),
             access_ttl: Duration::from_secs(600),
             refresh_ttl: Duration::from_secs(3600),
             leeway: Duration::from_secs(30),
+            ..TokenConfig::default()
         };
         let tokens = Tokens::new(&config);
         let (_, claims) = tokens.issue("alice", TokenType::Access).unwrap();
