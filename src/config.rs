@@ -917,6 +917,14 @@ fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// For configs built in code (tests, `keycard dev`): the same rules as in a file.
+impl std::str::FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Upstream as Parse>::parse(s)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Values: each field's rule, as a serde `deserialize_with` function.
 
@@ -1150,6 +1158,14 @@ impl Parse for StoreUrl {
             return Err("redis URL has an invalid port (expected 1-65535)".to_owned());
         }
         Ok(StoreUrl::Redis(s.to_owned()))
+    }
+}
+
+/// For configs built in code (tests, `keycard dev`): the same rules as in a file.
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <StoreUrl as Parse>::parse(s)
     }
 }
 

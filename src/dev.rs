@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -18,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::body::{self, Body};
-use crate::config::Config;
+use crate::config::{AuthMode, Config, RouteConfig, Secret, Upstream};
 
 /// Why `keycard dev` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +30,9 @@ pub enum DevError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The generated config did not validate (a bug).
+    /// The echo upstream's URL did not parse (a bug).
     #[error("dev config: {0}")]
-    Config(#[from] crate::config::ConfigErrors),
+    Config(String),
     /// The gateway failed to start.
     #[error("{0}")]
     Run(#[from] crate::server::RunError),
@@ -64,28 +63,23 @@ pub async fn run(
         addr: listen,
         source: std::io::Error::other(e.to_string()),
     })?;
-    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let text = format!(
-        r#"
-[server]
-listen = "{listen}"
-[admin]
-listen = "{admin}"
-[store]
-url = "memory://"
-[tokens]
-secret = "{secret}"
-[[routes]]
-path = "/"
-upstream = "http://{echo_addr}"
-auth = "required"
-[[routes]]
-path = "/public"
-upstream = "http://{echo_addr}"
-auth = "public"
-"#
-    );
-    let config = Config::parse(&text, Path::new("<keycard dev>"), &|_| None)?;
+    let upstream: Upstream = format!("http://{echo_addr}")
+        .parse()
+        .map_err(DevError::Config)?;
+    let route = |path: &str, auth| RouteConfig {
+        path: path.to_owned(),
+        upstream: upstream.clone(),
+        auth,
+        ..RouteConfig::default()
+    };
+    let mut config = Config::default();
+    config.server.listen = listen;
+    config.admin.listen = admin;
+    config.tokens.secret = Secret::from(secret.to_vec());
+    config.routes = vec![
+        route("/", AuthMode::Required),
+        route("/public", AuthMode::Public),
+    ];
     let listeners = crate::Listeners {
         server: bind(listen).await?,
         admin: bind(admin).await?,

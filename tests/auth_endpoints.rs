@@ -365,7 +365,7 @@ async fn login_works_with_default_argon2_parameters() {
     let redis = RedisServer::new();
     let upstream = Upstream::start().await;
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
-    opts.fast_passwords = false;
+    opts.passwords = Default::default();
     let gw = Gateway::start(opts).await;
     let (access, _) = gw.user("slowhash").await;
     assert_eq!(gw.get("/private", Some(&access)).await.status(), 200);
@@ -437,7 +437,7 @@ async fn auth_paths_are_never_forwarded_even_with_a_catch_all_route() {
     let upstream = Upstream::start().await;
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
     opts.routes
-        .push(support::RouteSpec::new("/", &upstream.url(), "public"));
+        .push(support::route("/", &upstream.url(), "public"));
     let gw = Gateway::start(opts).await;
     let (access, _) = gw.user("grace").await;
     // The catch-all works (sanity), then clear the count.

@@ -287,13 +287,16 @@ async fn failed_logins_for_unknown_and_known_users_take_alike_time() {
     // A real argon2 cost (~tens of ms): without the dummy-hash verification an unknown name
     // would be answered in about a millisecond and user enumeration would be trivial.
     let s = Stack::start_with(|o| {
-        o.fast_passwords = false;
-        o.passwords_extra = vec![
-            "memory_kib = 8192".into(),
-            "iterations = 2".into(),
-            "parallelism = 1".into(),
-        ];
-        o.throttle = vec!["user_limit = 0".into(), "address_limit = 0".into()];
+        o.passwords = PasswordConfig {
+            memory_kib: 8192,
+            iterations: 2,
+            ..Default::default()
+        };
+        o.throttle = ThrottleConfig {
+            user_limit: 0,
+            address_limit: 0,
+            ..Default::default()
+        };
     })
     .await;
     assert_eq!(s.gw.register("real", PASSWORD).await.status(), 201);
@@ -323,7 +326,10 @@ async fn failed_logins_for_unknown_and_known_users_take_alike_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_across_usernames_from_one_address_are_throttled_per_address() {
-    let s = Stack::start_with(|o| o.throttle = vec!["address_limit = 3".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.throttle.address_limit = 3;
+    })
+    .await;
     s.gw.user("victim").await;
     for user in ["spray1", "spray2", "victim"] {
         let (status, _, _) = login_outcome(s.gw.login_raw(user, "wrong password!").await).await;
@@ -481,7 +487,10 @@ async fn sustained_correct_logins_from_eight_clients_leave_no_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_address_counts_nothing_and_creates_no_keys() {
-    let s = Stack::start_with(|o| o.throttle = vec!["address_limit = 3".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.throttle.address_limit = 3;
+    })
+    .await;
     for user in ["spray1", "spray2", "spray3"] {
         assert_eq!(s.gw.login_raw(user, "wrong password!").await.status(), 401);
     }
@@ -521,7 +530,10 @@ async fn a_throttled_address_counts_nothing_and_creates_no_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_is_throttled_per_address_and_409s_count_as_failures() {
-    let s = Stack::start_with(|o| o.throttle = vec!["address_limit = 4".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.throttle.address_limit = 4;
+    })
+    .await;
     assert_eq!(s.gw.register("alice", PASSWORD).await.status(), 201);
     // Probing for existing names: each 409 counts.
     for i in 0..4 {
@@ -537,7 +549,10 @@ async fn register_is_throttled_per_address_and_409s_count_as_failures() {
     // A new name is refused too while the address is throttled: no oracle either way.
     assert_eq!(s.gw.register("brand-new", PASSWORD).await.status(), 429);
     // Registering (201) never counts: a fresh stack shows it.
-    let t = Stack::start_with(|o| o.throttle = vec!["address_limit = 2".into()]).await;
+    let t = Stack::start_with(|o| {
+        o.throttle.address_limit = 2;
+    })
+    .await;
     for i in 0..5 {
         assert_eq!(
             t.gw.register(&format!("user{i}"), PASSWORD).await.status(),
@@ -549,7 +564,10 @@ async fn register_is_throttled_per_address_and_409s_count_as_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttle_lifts_when_the_window_passes() {
-    let s = Stack::start_with(|o| o.throttle = vec!["user_window = \"2s\"".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.throttle.user_window = Duration::from_secs(2);
+    })
+    .await;
     s.gw.user("dave").await;
     let (failures, retry_after, _) = failures_until_throttled(&s.gw, "dave", 20).await;
     assert_eq!(failures, 5);
@@ -583,7 +601,10 @@ async fn successful_login_clears_the_users_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_limit_zero_disables_per_user_throttling() {
-    let s = Stack::start_with(|o| o.throttle = vec!["user_limit = 0".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.throttle.user_limit = 0;
+    })
+    .await;
     s.gw.user("frank").await;
     for i in 0..12 {
         let (status, _, msg) =
@@ -596,8 +617,9 @@ async fn user_limit_zero_disables_per_user_throttling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_proxy_the_address_throttle_keys_on_the_forwarded_client() {
     let s = Stack::start_with(|o| {
-        o.trusted_proxies = vec!["127.0.0.1/32".into()];
-        o.throttle = vec!["user_limit = 0".into(), "address_limit = 3".into()];
+        o.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        o.throttle.user_limit = 0;
+        o.throttle.address_limit = 3;
     })
     .await;
     let xff = |ip: &'static str| [("x-forwarded-for", ip)];
@@ -634,7 +656,8 @@ async fn behind_a_trusted_proxy_the_address_throttle_keys_on_the_forwarded_clien
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_peer_cannot_dodge_the_address_throttle_with_x_forwarded_for() {
     let s = Stack::start_with(|o| {
-        o.throttle = vec!["user_limit = 0".into(), "address_limit = 3".into()];
+        o.throttle.user_limit = 0;
+        o.throttle.address_limit = 3;
     })
     .await;
     for i in 0..3 {
@@ -674,17 +697,20 @@ async fn untrusted_peer_cannot_dodge_the_address_throttle_with_x_forwarded_for()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_storm_is_shed_with_503_while_proxied_requests_keep_their_latency() {
     let s = Stack::start_with(|o| {
-        o.fast_passwords = false;
-        o.passwords_extra = vec![
-            "memory_kib = 65536".into(),
-            "iterations = 3".into(),
-            "parallelism = 1".into(),
-            "max_concurrent = 1".into(),
-            "max_queue = 2".into(),
-            "queue_timeout = \"200ms\"".into(),
-        ];
+        o.passwords = PasswordConfig {
+            memory_kib: 65536,
+            iterations: 3,
+            max_concurrent: 1,
+            max_queue: 2,
+            queue_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
         // The storm uses the right password; keep throttling out of the picture anyway.
-        o.throttle = vec!["user_limit = 0".into(), "address_limit = 0".into()];
+        o.throttle = ThrottleConfig {
+            user_limit: 0,
+            address_limit: 0,
+            ..Default::default()
+        };
     })
     .await;
     let started = Instant::now();
@@ -802,7 +828,7 @@ async fn login_storm_is_shed_with_503_while_proxied_requests_keep_their_latency(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_dripping_header_bytes_is_cut_off_at_header_read_timeout() {
-    let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
+    let s = Stack::start_with(|o| o.server.header_read_timeout = Duration::from_secs(1)).await;
     let head = format!(
         "GET /public/drip HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: {}\r\n\r\n",
         "a".repeat(30)
@@ -854,7 +880,7 @@ async fn slowloris_dripping_header_bytes_is_cut_off_at_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
-    let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
+    let s = Stack::start_with(|o| o.server.header_read_timeout = Duration::from_secs(1)).await;
     let mut stream = TcpStream::connect(s.gw.addr).await.unwrap();
     stream
         .write_all(&raw_get("/public/once", &[]))
@@ -896,7 +922,10 @@ async fn idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_until_one_closes() {
-    let s = Stack::start_with(|o| o.server_extra = vec!["max_connections = 2".into()]).await;
+    let s = Stack::start_with(|o| {
+        o.server.max_connections = 2;
+    })
+    .await;
     // Two keep-alive connections, each served once and then held open.
     let mut held = Vec::new();
     for i in 0..2 {
@@ -930,7 +959,7 @@ async fn connections_beyond_max_connections_wait_until_one_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_fails_closed_fast_for_concurrent_proxied_and_login_requests() {
-    let s = Stack::start_with(|o| o.store_timeout = Some("300ms".into())).await;
+    let s = Stack::start_with(|o| o.store.timeout = Duration::from_millis(300)).await;
     let (access, _) = s.gw.user("gina").await;
     assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
     let hits = s.upstream.hits();
@@ -1010,10 +1039,9 @@ async fn rude_upstream() -> (SocketAddr, JoinHandle<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_mid_response_gives_the_client_a_clean_error_and_keycard_carries_on() {
     let (rude, task) = rude_upstream().await;
-    let s = Stack::start_with(|o| {
-        o.routes = vec![RouteSpec::new("/rude", &format!("http://{rude}"), "public")]
-    })
-    .await;
+    let s =
+        Stack::start_with(|o| o.routes = vec![route("/rude", &format!("http://{rude}"), "public")])
+            .await;
 
     // Headers and part of the body arrive, then the upstream resets: the client must see a
     // truncated response on a closed connection, promptly, never a hang or a "complete" body.
@@ -1323,7 +1351,10 @@ async fn websocket_with_a_valid_token_echoes_and_upstream_sees_only_the_gateway_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_tunnel_closes_after_its_token_is_revoked_in_redis() {
-    let s = WsStack::start(|o| o.server_extra = vec!["upgrade_recheck = \"500ms\"".into()]).await;
+    let s = WsStack::start(|o| {
+        o.server.upgrade_recheck = Duration::from_millis(500);
+    })
+    .await;
     let c = claims("alice", "access");
     let token = mint_valid(&c);
     let mut ws = ws_connect(s.gw.addr, "/api/ws", Some(&token), &[])
@@ -1360,7 +1391,10 @@ async fn websocket_tunnel_closes_after_its_token_is_revoked_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_tunnel_closes_after_logout_with_its_token() {
-    let s = WsStack::start(|o| o.server_extra = vec!["upgrade_recheck = \"500ms\"".into()]).await;
+    let s = WsStack::start(|o| {
+        o.server.upgrade_recheck = Duration::from_millis(500);
+    })
+    .await;
     let (access, _) = s.gw.user("henry").await;
     let mut ws = ws_connect(s.gw.addr, "/api/ws", Some(&access), &[])
         .await
@@ -1383,7 +1417,7 @@ async fn websocket_tunnel_closes_after_logout_with_its_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_tunnel_closes_when_its_token_expires_without_revocation() {
     // Default upgrade_recheck (10 s): expiry must not wait for the next revocation check.
-    let s = WsStack::start(|o| o.access_ttl = Some("2s".into())).await;
+    let s = WsStack::start(|o| o.tokens.access_ttl = Duration::from_secs(2)).await;
     let (access, _) = s.gw.user("ivy").await;
     let exp = decode_claims(&access)["exp"].as_i64().unwrap();
     let mut ws = ws_connect(s.gw.addr, "/api/ws", Some(&access), &[])
@@ -1423,7 +1457,7 @@ async fn websocket_on_a_public_route_works_without_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_websocket_tunnels_are_closed_at_shutdown() {
-    let mut s = WsStack::start(|o| o.shutdown_timeout = Some("5s".into())).await;
+    let mut s = WsStack::start(|o| o.server.shutdown_timeout = Duration::from_secs(5)).await;
     let token = mint_valid(&claims("alice", "access"));
     let mut public = ws_connect(s.gw.addr, "/public/ws", None, &[])
         .await

@@ -509,8 +509,10 @@ fn huge_header(request: RequestBuilder) -> RequestBuilder {
 async fn every_documented_status_is_provoked_and_every_answer_conforms() {
     let spec = Spec::load();
     // A short body deadline, so the 408 case takes a second, not ten.
-    let mut s =
-        Stack::start_with(|o| o.server_extra = vec!["body_read_timeout = \"1s\"".into()]).await;
+    let mut s = Stack::start_with(|o| {
+        o.server.body_read_timeout = Duration::from_secs(1);
+    })
+    .await;
     let gw = &s.gw;
     let mut p = Probe {
         spec: &spec,

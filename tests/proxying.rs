@@ -192,7 +192,8 @@ async fn x_forwarded_headers_are_added_without_client_values() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_proxy_chain_is_appended_to() {
-    let s = Stack::start_with(|o| o.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let s = Stack::start_with(|o| o.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()])
+        .await;
     let r = raw_request(
         s.gw.addr,
         &raw_get("/public/xff", &["X-Forwarded-For: 1.2.3.4, 10.0.0.1"]),
@@ -394,7 +395,7 @@ async fn upstream_refusing_connections_is_502() {
     let upstream = Upstream::start().await;
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
     let dead = format!("http://{}", closed_addr());
-    opts.routes.push(RouteSpec::new("/dead", &dead, "public"));
+    opts.routes.push(route("/dead", &dead, "public"));
     let gw = Gateway::start(opts).await;
     let started = Instant::now();
     let f = failure(gw.get("/dead/x", None).await).await;
@@ -408,8 +409,10 @@ async fn slow_upstream_beyond_route_timeout_is_504() {
     let redis = RedisServer::new();
     let upstream = Upstream::start().await;
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
-    opts.routes
-        .push(RouteSpec::new("/hurry", &upstream.url(), "public").timeout("500ms"));
+    opts.routes.push(RouteConfig {
+        timeout: Duration::from_millis(500),
+        ..route("/hurry", &upstream.url(), "public")
+    });
     let gw = Gateway::start(opts).await;
     let started = Instant::now();
     let f = failure(gw.get("/hurry/slow", None).await).await;
@@ -449,9 +452,10 @@ async fn upstream_that_never_accepts_is_504_after_the_route_connect_timeout() {
     let redis = RedisServer::new();
     let upstream = Upstream::start().await;
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
-    opts.routes.push(
-        RouteSpec::new("/stuck", &format!("http://{addr}"), "public").connect_timeout("300ms"),
-    );
+    opts.routes.push(RouteConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..route("/stuck", &format!("http://{addr}"), "public")
+    });
     let gw = Gateway::start(opts).await;
     let started = Instant::now();
     let f = failure(gw.get("/stuck/x", None).await).await;
@@ -560,7 +564,7 @@ async fn malformed_transfer_encoding_is_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incomplete_headers_are_closed_after_header_read_timeout() {
-    let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
+    let s = Stack::start_with(|o| o.server.header_read_timeout = Duration::from_secs(1)).await;
     let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
     use tokio::io::AsyncWriteExt;
     stream
@@ -590,8 +594,8 @@ async fn custom_user_header_outside_the_prefix_is_stripped_and_injected() {
     // The header the gateway may inject is the gateway's alone even when it does not start
     // with identity.prefix.
     let s = Stack::start_with(|o| {
-        o.user_header = "X-Remote-User".into();
-        o.identity_prefix = Some("X-Ident-".into());
+        o.identity.user_header = http::HeaderName::from_static("x-remote-user");
+        o.identity.prefix = "x-ident-".into();
     })
     .await;
     let spoofs = [
@@ -704,7 +708,7 @@ async fn request_body_is_streamed_to_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connection_is_closed_after_header_read_timeout() {
     // A client that connects and sends nothing has not completed its headers either.
-    let s = Stack::start_with(|o| o.header_read_timeout = Some("1s".into())).await;
+    let s = Stack::start_with(|o| o.server.header_read_timeout = Duration::from_secs(1)).await;
     let mut stream = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
     let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
     assert!(closed, "idle connection still open after 5 s");

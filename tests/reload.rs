@@ -50,12 +50,12 @@ async fn wait_reloads(gw: &Gateway, result: &str, n: u64) {
 async fn docs_stack() -> (RedisServer, Upstream, GatewayOpts, Gateway, ConfigFile) {
     let redis = RedisServer::new();
     let up = Upstream::start().await;
-    let opts = opts_with(&redis, vec![RouteSpec::new("/docs", &up.url(), "public")]);
+    let opts = opts_with(&redis, vec![route("/docs", &up.url(), "public")]);
     let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
     (redis, up, opts, gw, file)
 }
 
-fn opts_with(redis: &RedisServer, routes: Vec<RouteSpec>) -> GatewayOpts {
+fn opts_with(redis: &RedisServer, routes: Vec<RouteConfig>) -> GatewayOpts {
     let mut opts = GatewayOpts::new(&redis.url(), "http://127.0.0.1:9");
     opts.routes = routes;
     opts
@@ -65,7 +65,7 @@ fn opts_with(redis: &RedisServer, routes: Vec<RouteSpec>) -> GatewayOpts {
 async fn swapping_an_upstream_under_traffic_fails_no_request() {
     let redis = RedisServer::new();
     let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let mut opts = opts_with(&redis, vec![RouteSpec::new("/api", &a.url(), "required")]);
+    let mut opts = opts_with(&redis, vec![route("/api", &a.url(), "required")]);
     let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
     let (token, _) = gw.user("alice").await;
 
@@ -88,7 +88,7 @@ async fn swapping_an_upstream_under_traffic_fails_no_request() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    opts.routes = vec![RouteSpec::new("/api", &b.url(), "required")];
+    opts.routes = vec![route("/api", &b.url(), "required")];
     file.write(&opts.to_toml());
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.hits() == 0 {
@@ -118,7 +118,7 @@ async fn swapping_an_upstream_under_traffic_fails_no_request() {
 async fn a_route_changed_from_public_to_required_needs_a_token_on_the_next_request() {
     let (_redis, up, mut opts, gw, file) = docs_stack().await;
     assert_eq!(gw.get("/docs/x", None).await.status(), 200);
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
+    opts.routes = vec![route("/docs", &up.url(), "required")];
     file.write(&opts.to_toml());
     wait_reloads(&gw, "ok", 1).await;
     let f = failure(gw.get("/docs/x", None).await).await;
@@ -143,8 +143,11 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     assert!(before.is_some(), "the timestamp is set at startup");
 
     // Two errors in one file (an unknown key and a bad auth mode): both are rejected at once.
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "sometimes")];
-    file.write(&format!("bogus_key = 1\n{}", opts.to_toml()));
+    opts.routes = vec![route("/docs", &up.url(), "required")];
+    let text = opts
+        .to_toml()
+        .replace("auth = \"required\"", "auth = \"sometimes\"");
+    file.write(&format!("bogus_key = 1\n{text}"));
     wait_reloads(&gw, "error", 1).await;
     assert_eq!(
         gw.get("/docs/x", None).await.status(),
@@ -160,7 +163,7 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     assert_eq!(gw.get("/docs/x", None).await.status(), 200);
 
     // A good file again applies.
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
+    opts.routes = vec![route("/docs", &up.url(), "required")];
     file.write(&opts.to_toml());
     wait_reloads(&gw, "ok", 1).await;
     assert_eq!(gw.get("/docs/x", None).await.status(), 401);
@@ -170,9 +173,9 @@ async fn an_invalid_file_is_rejected_and_the_running_config_stays() {
 async fn restart_only_keys_are_kept_while_the_rest_of_the_reload_applies() {
     let (store, up, mut opts, gw, file) = docs_stack().await;
     // A new listen address, store prefix and connection cap, and a route change.
-    opts.prefix = Some("other:".into());
-    opts.server_extra = vec!["max_connections = 1".into()];
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
+    opts.store.prefix = "other:".into();
+    opts.server.max_connections = 1;
+    opts.routes = vec![route("/docs", &up.url(), "required")];
     let text = opts
         .to_toml()
         .replace("listen = \"127.0.0.1:1\"", "listen = \"127.0.0.1:3\"");
@@ -206,8 +209,8 @@ async fn reload_counters_start_at_zero_and_a_file_written_in_pieces_is_loaded_on
     // Rewritten in place, in two writes: the first is valid TOML on its own (everything
     // public), the second adds the protected route. Only the finished file is loaded.
     opts.routes = vec![
-        RouteSpec::new("/docs", &up.url(), "public"),
-        RouteSpec::new("/secret", &up.url(), "required"),
+        route("/docs", &up.url(), "public"),
+        route("/secret", &up.url(), "required"),
     ];
     let full = opts.to_toml();
     let cut = full.find("\n[[routes]]\npath = \"/secret\"").unwrap();
@@ -250,7 +253,7 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
 
     let v2 = dir.join("..2026_11_30_v2");
     std::fs::create_dir(&v2).unwrap();
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
+    opts.routes = vec![route("/docs", &up.url(), "required")];
     std::fs::write(v2.join("keycard.toml"), opts.to_toml()).unwrap();
     symlink("..2026_11_30_v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
@@ -265,7 +268,7 @@ async fn the_binary_reloads_on_sighup_and_on_a_file_change() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("keycard.toml");
     let mut opts = GatewayOpts::new("memory://", &up.url());
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "public")];
+    opts.routes = vec![route("/docs", &up.url(), "public")];
     let (port, admin_port) = (free_port(), free_port());
     let write = |opts: &GatewayOpts| {
         let text = opts
@@ -331,7 +334,7 @@ async fn the_binary_reloads_on_sighup_and_on_a_file_change() {
     let docs = format!("http://127.0.0.1:{port}/docs/x");
     assert_eq!(client.get(&docs).send().await.unwrap().status(), 200);
     // A file change alone (the binary polls every 2 s).
-    opts.routes = vec![RouteSpec::new("/docs", &up.url(), "required")];
+    opts.routes = vec![route("/docs", &up.url(), "required")];
     write(&opts);
     wait_ok(2).await;
     assert_eq!(client.get(&docs).send().await.unwrap().status(), 401);

@@ -250,8 +250,8 @@ async fn upgrade_stack(
     let redis = RedisServer::new();
     let mut opts = GatewayOpts::new(&redis.url(), upstream);
     opts.routes = vec![
-        RouteSpec::new("/pub2", upstream, "public"),
-        RouteSpec::new("/api", upstream, "required"),
+        route("/pub2", upstream, "public"),
+        route("/api", upstream, "required"),
     ];
     adjust(&mut opts);
     let gw = Gateway::start(opts).await;
@@ -350,7 +350,7 @@ async fn h2c_upgrade_with_a_valid_token_on_a_required_route_is_never_tunnelled()
 async fn allow_listed_upgrades_still_tunnel_and_others_are_dropped() {
     let upstream = UpgradeUpstream::start(Mode::Honest).await;
     let (_redis, gw) = upgrade_stack(&upstream.url(), |o| {
-        o.server_extra = vec!["upgrade_protocols = [\"websocket\", \"x-custom\"]".into()];
+        o.server.upgrade_protocols = vec!["websocket".into(), "x-custom".into()];
     })
     .await;
     for protocol in ["websocket", "X-Custom"] {
@@ -439,11 +439,9 @@ async fn send_and_wait(
 }
 
 fn timeouts(o: &mut GatewayOpts) {
-    o.server_extra = vec![
-        "body_read_timeout = \"1s\"".into(),
-        "body_idle_timeout = \"1s\"".into(),
-        "h2_idle_timeout = \"1s\"".into(),
-    ];
+    o.server.body_read_timeout = Duration::from_secs(1);
+    o.server.body_idle_timeout = Duration::from_secs(1);
+    o.server.h2_idle_timeout = Duration::from_secs(1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +582,7 @@ async fn slow_bodies_filling_max_connections_only_lock_clients_out_until_body_re
     // The review's lock-out: every slot taken by a login whose body never completes.
     let s = Stack::start_with(|o| {
         timeouts(o);
-        o.server_extra.push("max_connections = 4".into());
+        o.server.max_connections = 4;
     })
     .await;
     let mut slow = Vec::new();
@@ -616,7 +614,7 @@ async fn slow_bodies_filling_max_connections_only_lock_clients_out_until_body_re
 async fn open_tunnels_keep_their_connection_slot_until_they_close() {
     let upstream = UpgradeUpstream::start(Mode::Honest).await;
     let (_redis, gw) = upgrade_stack(&upstream.url(), |o| {
-        o.server_extra = vec!["max_connections = 3".into()];
+        o.server.max_connections = 3;
     })
     .await;
     let mut tunnels = Vec::new();
@@ -749,7 +747,8 @@ async fn client_describing_headers_from_untrusted_peers_never_reach_the_upstream
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_proxy_may_set_client_describing_headers() {
-    let s = Stack::start_with(|o| o.trusted_proxies = vec!["127.0.0.1/32".into()]).await;
+    let s = Stack::start_with(|o| o.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()])
+        .await;
     let echo = Echo::from_response(
         s.gw.client
             .get(s.gw.url("/public/x"))
@@ -873,13 +872,13 @@ async fn logins_whose_clients_hang_up_mid_check_are_still_counted_and_logged() {
     // A wrong-password login, the connection reset right after sending: had the attempt been
     // given back unjudged, one address could keep argon2 busy forever without being throttled.
     let s = Stack::start_with(|o| {
-        o.fast_passwords = false;
-        o.passwords_extra = vec![
-            "memory_kib = 8192".into(),
-            "iterations = 8".into(),
-            "parallelism = 1".into(),
-        ];
-        o.throttle = vec!["address_limit = 5".into(), "user_limit = 0".into()];
+        o.passwords = PasswordConfig {
+            memory_kib: 8192,
+            iterations: 8,
+            ..Default::default()
+        };
+        o.throttle.address_limit = 5;
+        o.throttle.user_limit = 0;
     })
     .await;
     for i in 0..5 {
@@ -1090,10 +1089,10 @@ async fn open_tunnels_are_rechecked_against_the_reloaded_policy() {
     let redis = RedisServer::new();
     let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
     opts.routes = vec![
-        RouteSpec::new("/pub2", &upstream.url(), "public"),
-        RouteSpec::new("/api", &upstream.url(), "required"),
+        route("/pub2", &upstream.url(), "public"),
+        route("/api", &upstream.url(), "required"),
     ];
-    opts.server_extra = vec!["upgrade_recheck = \"500ms\"".into()];
+    opts.server.upgrade_recheck = Duration::from_millis(500);
     let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
     let (token, _) = gw.user("tess").await;
 
@@ -1124,8 +1123,7 @@ async fn open_tunnels_are_rechecked_against_the_reloaded_policy() {
     let mut private = open("/api/ws", Some(token.clone())).await;
 
     // An unrelated change: both stay open across several rechecks.
-    opts.routes
-        .push(RouteSpec::new("/extra", &upstream.url(), "public"));
+    opts.routes.push(route("/extra", &upstream.url(), "public"));
     file.write(&opts.to_toml());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
@@ -1138,7 +1136,7 @@ async fn open_tunnels_are_rechecked_against_the_reloaded_policy() {
     );
 
     // A new key, and the public route now requires a token.
-    opts.routes[0] = RouteSpec::new("/pub2", &upstream.url(), "required");
+    opts.routes[0] = route("/pub2", &upstream.url(), "required");
     let rotated = opts.to_toml().replace(
         "secret = \"${KEYCARD_SECRET}\"",
         "secret = \"a-brand-new-secret-0123456789-abcdefghijkl\"",

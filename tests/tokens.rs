@@ -232,7 +232,7 @@ async fn expired_token_is_401_token_has_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_token_expires_after_access_ttl() {
-    let s = Stack::start_with(|o| o.access_ttl = Some("2s".into())).await;
+    let s = Stack::start_with(|o| o.tokens.access_ttl = Duration::from_secs(2)).await;
     let (access, _) = s.gw.user("shortlived").await;
     assert_eq!(s.gw.get("/private", Some(&access)).await.status(), 200);
     tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
@@ -256,7 +256,7 @@ async fn nbf_or_iat_in_the_future_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leeway_allows_small_clock_skew_only() {
-    let s = Stack::start_with(|o| o.leeway = Some("60s".into())).await;
+    let s = Stack::start_with(|o| o.tokens.leeway = Duration::from_secs(60)).await;
     let t = now();
     let c = claims("alice", "access");
     let skewed = with(with(c.clone(), "iat", json!(t + 30)), "nbf", json!(t + 30));
@@ -377,7 +377,7 @@ async fn revocation_of_an_externally_minted_token_uses_its_jti() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_uses_the_configured_store_prefix() {
-    let s = Stack::start_with(|o| o.prefix = Some("kc-test:".into())).await;
+    let s = Stack::start_with(|o| o.store.prefix = "kc-test:".into()).await;
     let (access, _) = s.gw.user("heidi").await;
     let jti = decode_claims(&access)["jti"].as_str().unwrap().to_owned();
     // The default prefix means nothing here.
@@ -432,7 +432,7 @@ async fn every_401_on_a_protected_route_carries_www_authenticate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_hs512_is_the_only_algorithm_accepted() {
-    let s = Stack::start_with(|o| o.algorithm = "HS512".into()).await;
+    let s = Stack::start_with(|o| o.tokens.algorithm = jsonwebtoken::Algorithm::HS512).await;
     let (access, _) = s.gw.user("olga").await;
     let header: Value =
         serde_json::from_slice(&b64url_decode(access.split('.').next().unwrap()).unwrap()).unwrap();

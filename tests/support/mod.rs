@@ -16,12 +16,11 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -33,6 +32,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// What tests need to build configs, re-exported so `use support::*` brings it (not every
+/// test binary uses all of it).
+#[allow(unused_imports)]
+pub use keycard::config::{
+    AuthMode, Config, ExposeSecret, PasswordConfig, RouteConfig, Secret, StoreUrl, ThrottleConfig,
+};
+#[allow(unused_imports)]
+pub use std::time::Duration;
 
 /// The HS* secret every test gateway uses (from `${KEYCARD_SECRET}`); 32+ bytes.
 pub const SECRET: &str = "keycard-test-secret-0123456789-abcdefghij";
@@ -250,7 +258,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An echo server that records every request (see [`Upstream::requests`]).
     pub async fn start() -> Upstream {
+        Upstream::serve(true).await
+    }
+
+    /// An echo server that records nothing, for load: memory stays flat however many
+    /// requests it answers, and [`Upstream::hits`] stays 0.
+    pub async fn start_unrecorded() -> Upstream {
+        Upstream::serve(false).await
+    }
+
+    async fn serve(record: bool) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
@@ -258,9 +277,12 @@ impl Upstream {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // EMFILE and friends under load: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let recorded = recorded.clone();
+                let _ = stream.set_nodelay(true);
+                let recorded = record.then(|| recorded.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let recorded = recorded.clone();
@@ -302,7 +324,10 @@ impl Drop for Upstream {
 
 type EchoBody = BoxBody<Bytes, Infallible>;
 
-async fn echo(req: Request<Incoming>, recorded: Arc<Mutex<Vec<Recorded>>>) -> Response<EchoBody> {
+async fn echo(
+    req: Request<Incoming>,
+    recorded: Option<Arc<Mutex<Vec<Recorded>>>>,
+) -> Response<EchoBody> {
     let method = req.method().to_string();
     let path = req
         .uri()
@@ -319,11 +344,13 @@ async fn echo(req: Request<Incoming>, recorded: Arc<Mutex<Vec<Recorded>>>) -> Re
             )
         })
         .collect();
-    recorded.lock().unwrap().push(Recorded {
-        method: method.clone(),
-        path: path.clone(),
-        headers: headers.clone(),
-    });
+    if let Some(recorded) = recorded {
+        recorded.lock().unwrap().push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+        });
+    }
     let segments: Vec<&str> = req.uri().path().split('/').collect();
     if segments.contains(&"stream") {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -446,206 +473,180 @@ pub fn fold(name: &str) -> String {
 // Gateway
 // ---------------------------------------------------------------------------------------------
 
-/// One `[[routes]]` entry.
-#[derive(Debug, Clone)]
-pub struct RouteSpec {
-    pub path: String,
-    pub upstream: String,
-    pub auth: &'static str,
-    pub strip_prefix: bool,
-    pub forward_token: bool,
-    pub timeout: Option<String>,
-    pub connect_timeout: Option<String>,
-}
-
-impl RouteSpec {
-    pub fn new(path: &str, upstream: &str, auth: &'static str) -> RouteSpec {
-        RouteSpec {
-            path: path.into(),
-            upstream: upstream.into(),
-            auth,
-            strip_prefix: false,
-            forward_token: false,
-            timeout: None,
-            connect_timeout: None,
-        }
-    }
-
-    pub fn strip(mut self) -> Self {
-        self.strip_prefix = true;
-        self
-    }
-
-    pub fn forward_token(mut self) -> Self {
-        self.forward_token = true;
-        self
-    }
-
-    pub fn timeout(mut self, t: &str) -> Self {
-        self.timeout = Some(t.into());
-        self
-    }
-
-    pub fn connect_timeout(mut self, t: &str) -> Self {
-        self.connect_timeout = Some(t.into());
-        self
+/// A route for test configs: `auth` is `"required"` or `"public"`.
+pub fn route(path: &str, upstream: &str, auth: &str) -> RouteConfig {
+    RouteConfig {
+        path: path.into(),
+        upstream: upstream
+            .parse()
+            .unwrap_or_else(|e| panic!("{upstream}: {e}")),
+        auth: match auth {
+            "public" => AuthMode::Public,
+            "required" => AuthMode::Required,
+            other => panic!("auth {other:?}"),
+        },
+        ..RouteConfig::default()
     }
 }
 
-/// Options that become the gateway's TOML config.
+/// A gateway config built from keycard's typed defaults, never from TOML text: the standard
+/// routes, a tiny argon2 cost, the test secret. It derefs to [`Config`], so a test writes
+/// `o.server.max_connections = 2` or `o.throttle.address_limit = 3`. [`GatewayOpts::to_toml`]
+/// renders it for the tests that need a file (reload, the binary, the load generator).
 #[derive(Debug, Clone)]
-pub struct GatewayOpts {
-    pub store_url: String,
-    pub prefix: Option<String>,
-    pub store_timeout: Option<String>,
-    pub routes: Vec<RouteSpec>,
-    pub algorithm: String,
-    pub access_ttl: Option<String>,
-    pub refresh_ttl: Option<String>,
-    pub leeway: Option<String>,
-    pub trusted_proxies: Vec<String>,
-    pub header_read_timeout: Option<String>,
-    pub shutdown_timeout: Option<String>,
-    /// Tiny argon2 parameters (64 KiB, 1 iteration) unless false.
-    pub fast_passwords: bool,
-    /// `identity.user_header` (default `X-Auth-User`).
-    pub user_header: String,
-    /// `identity.prefix`, when set.
-    pub identity_prefix: Option<String>,
-    /// Extra raw `key = value` lines for `[server]` (e.g. `max_connections = 2`).
-    pub server_extra: Vec<String>,
-    /// Extra raw lines for `[passwords]` (after the fast parameters, which they may not
-    /// repeat; set `fast_passwords = false` to choose the cost yourself).
-    pub passwords_extra: Vec<String>,
-    /// Raw lines for a `[throttle]` section, emitted only when non-empty.
-    pub throttle: Vec<String>,
+pub struct GatewayOpts(pub Config);
+
+impl std::ops::Deref for GatewayOpts {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for GatewayOpts {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.0
+    }
 }
 
 impl GatewayOpts {
     /// Standard routes against `upstream`:
     /// `/api` required, `/api/open` public, `/public` public, `/private` required,
     /// `/token` required + forward_token, `/strip` public + strip_prefix. No `/` route.
+    /// The listen addresses are placeholders (`127.0.0.1:1` and `:2`): in-process gateways
+    /// bind their own listeners, and file-based tests replace them.
     pub fn new(store_url: &str, upstream: &str) -> GatewayOpts {
-        GatewayOpts {
-            store_url: store_url.into(),
-            prefix: None,
-            store_timeout: Some("1s".into()),
-            routes: vec![
-                RouteSpec::new("/api", upstream, "required"),
-                RouteSpec::new("/api/open", upstream, "public"),
-                RouteSpec::new("/public", upstream, "public"),
-                RouteSpec::new("/private", upstream, "required"),
-                RouteSpec::new("/token", upstream, "required").forward_token(),
-                RouteSpec::new("/strip", upstream, "public").strip(),
-            ],
-            algorithm: "HS256".into(),
-            access_ttl: None,
-            refresh_ttl: None,
-            leeway: None,
-            trusted_proxies: vec![],
-            header_read_timeout: None,
-            shutdown_timeout: None,
-            fast_passwords: true,
-            user_header: "X-Auth-User".into(),
-            identity_prefix: None,
-            server_extra: vec![],
-            passwords_extra: vec![],
-            throttle: vec![],
-        }
+        let mut c = Config::default();
+        c.server.listen = "127.0.0.1:1".parse().unwrap();
+        c.admin.listen = "127.0.0.1:2".parse().unwrap();
+        c.store.url = store_url
+            .parse()
+            .unwrap_or_else(|e| panic!("{store_url}: {e}"));
+        c.store.timeout = Duration::from_secs(1);
+        c.tokens.secret = Secret::from(SECRET.as_bytes().to_vec());
+        c.passwords.memory_kib = 64;
+        c.passwords.iterations = 1;
+        c.routes = vec![
+            route("/api", upstream, "required"),
+            route("/api/open", upstream, "public"),
+            route("/public", upstream, "public"),
+            route("/private", upstream, "required"),
+            RouteConfig {
+                forward_token: true,
+                ..route("/token", upstream, "required")
+            },
+            RouteConfig {
+                strip_prefix: true,
+                ..route("/strip", upstream, "public")
+            },
+        ];
+        GatewayOpts(c)
     }
 
+    /// The typed config, as the in-process gateway gets it.
+    pub fn config(&self) -> Config {
+        self.0.clone()
+    }
+
+    /// The config as a TOML file, every key written out. The secret is written as
+    /// `${KEYCARD_SECRET}` (see [`env`]) when it is the test secret, inline otherwise.
     pub fn to_toml(&self) -> String {
-        fn q(s: &str) -> String {
-            serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string
-        }
-        let mut t = String::new();
-        t.push_str("[server]\nlisten = \"127.0.0.1:1\"\n");
-        if !self.trusted_proxies.is_empty() {
-            let list: Vec<String> = self.trusted_proxies.iter().map(|p| q(p)).collect();
-            t.push_str(&format!("trusted_proxies = [{}]\n", list.join(", ")));
-        }
-        if let Some(v) = &self.header_read_timeout {
-            t.push_str(&format!("header_read_timeout = {}\n", q(v)));
-        }
-        if let Some(v) = &self.shutdown_timeout {
-            t.push_str(&format!("shutdown_timeout = {}\n", q(v)));
-        }
-        for line in &self.server_extra {
-            t.push_str(line);
-            t.push('\n');
-        }
-        t.push_str("\n[admin]\nlisten = \"127.0.0.1:2\"\n");
-        t.push_str(&format!("\n[store]\nurl = {}\n", q(&self.store_url)));
-        if let Some(v) = &self.prefix {
-            t.push_str(&format!("prefix = {}\n", q(v)));
-        }
-        if let Some(v) = &self.store_timeout {
-            t.push_str(&format!("timeout = {}\n", q(v)));
-        }
-        t.push_str(&format!(
-            "\n[tokens]\nalgorithm = {}\nsecret = \"${{KEYCARD_SECRET}}\"\nissuer = \"keycard\"\n",
-            q(&self.algorithm)
-        ));
-        for (k, v) in [
-            ("access_ttl", &self.access_ttl),
-            ("refresh_ttl", &self.refresh_ttl),
-            ("leeway", &self.leeway),
-        ] {
-            if let Some(v) = v {
-                t.push_str(&format!("{k} = {}\n", q(v)));
-            }
-        }
-        t.push_str(&format!(
-            "\n[identity]\nuser_header = {}\n",
-            q(&self.user_header)
-        ));
-        if let Some(v) = &self.identity_prefix {
-            t.push_str(&format!("prefix = {}\n", q(v)));
-        }
-        if self.fast_passwords || !self.passwords_extra.is_empty() {
-            t.push_str("\n[passwords]\n");
-        }
-        if self.fast_passwords {
-            t.push_str("memory_kib = 64\niterations = 1\nparallelism = 1\n");
-        }
-        for line in &self.passwords_extra {
-            t.push_str(line);
-            t.push('\n');
-        }
-        if !self.throttle.is_empty() {
-            t.push_str("\n[throttle]\n");
-            for line in &self.throttle {
-                t.push_str(line);
-                t.push('\n');
-            }
-        }
-        for r in &self.routes {
-            t.push_str(&format!(
-                "\n[[routes]]\npath = {}\nupstream = {}\nauth = {}\n",
+        let c = &self.0;
+        let q = |s: &str| serde_json::to_string(s).unwrap(); // a JSON string is a TOML string
+        // The largest unit that is exact, as a person would write it: "15m", "7d", "500ms".
+        let ms = |d: Duration| {
+            let n = d.as_millis();
+            let unit = [
+                (86_400_000, "d"),
+                (3_600_000, "h"),
+                (60_000, "m"),
+                (1_000, "s"),
+            ]
+            .into_iter()
+            .find(|(size, _)| n > 0 && n.is_multiple_of(*size));
+            q(&match unit {
+                Some((size, unit)) => format!("{}{unit}", n / size),
+                None => format!("{n}ms"),
+            })
+        };
+        let list = |items: Vec<String>| {
+            let quoted: Vec<String> = items.iter().map(|s| q(s)).collect();
+            format!("[{}]", quoted.join(", "))
+        };
+        let (s, p, t, th) = (&c.server, &c.passwords, &c.tokens, &c.throttle);
+        let secret = t.secret.expose_secret();
+        let secret = if secret == SECRET.as_bytes() {
+            q("${KEYCARD_SECRET}")
+        } else {
+            q(std::str::from_utf8(secret).expect("test secrets are text"))
+        };
+        let store_url = match &c.store.url {
+            StoreUrl::Memory => "memory://".to_owned(),
+            StoreUrl::Redis(url) => url.clone(),
+        };
+        let mut out = format!(
+            "[server]\nlisten = {}\ntrusted_proxies = {}\nheader_read_timeout = {}\n\
+             shutdown_timeout = {}\nmax_connections = {}\nmax_header_bytes = {}\n\
+             max_target_bytes = {}\nmax_auth_body_bytes = {}\nupgrade_recheck = {}\n\
+             upgrade_protocols = {}\nbody_read_timeout = {}\nbody_idle_timeout = {}\n\
+             h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
+             [store]\nurl = {}\nprefix = {}\ntimeout = {}\n\n\
+             [tokens]\nalgorithm = {}\nsecret = {secret}\nissuer = {}\naccess_ttl = {}\n\
+             refresh_ttl = {}\nleeway = {}\n\n\
+             [identity]\nuser_header = {}\nprefix = {}\n\n\
+             [passwords]\nmemory_kib = {}\niterations = {}\nparallelism = {}\n\
+             max_concurrent = {}\nqueue_timeout = {}\nmax_queue = {}\n\n\
+             [throttle]\nuser_limit = {}\nuser_window = {}\naddress_limit = {}\n\
+             address_window = {}\n",
+            q(&s.listen.to_string()),
+            list(s.trusted_proxies.iter().map(|n| n.to_string()).collect()),
+            ms(s.header_read_timeout),
+            ms(s.shutdown_timeout),
+            s.max_connections,
+            s.max_header_bytes,
+            s.max_target_bytes,
+            s.max_auth_body_bytes,
+            ms(s.upgrade_recheck),
+            list(s.upgrade_protocols.clone()),
+            ms(s.body_read_timeout),
+            ms(s.body_idle_timeout),
+            ms(s.h2_idle_timeout),
+            q(&c.admin.listen.to_string()),
+            q(&store_url),
+            q(&c.store.prefix),
+            ms(c.store.timeout),
+            q(&format!("{:?}", t.algorithm)),
+            q(&t.issuer),
+            ms(t.access_ttl),
+            ms(t.refresh_ttl),
+            ms(t.leeway),
+            q(c.identity.user_header.as_str()),
+            q(&c.identity.prefix),
+            p.memory_kib,
+            p.iterations,
+            p.parallelism,
+            p.max_concurrent,
+            ms(p.queue_timeout),
+            p.max_queue,
+            th.user_limit,
+            ms(th.user_window),
+            th.address_limit,
+            ms(th.address_window),
+        );
+        for r in &c.routes {
+            out.push_str(&format!(
+                "\n[[routes]]\npath = {}\nupstream = {}\nauth = {}\nstrip_prefix = {}\n\
+                 forward_token = {}\nconnect_timeout = {}\ntimeout = {}\n",
                 q(&r.path),
-                q(&r.upstream),
-                q(r.auth)
+                q(&r.upstream.to_string()),
+                q(&format!("{:?}", r.auth).to_lowercase()),
+                r.strip_prefix,
+                r.forward_token,
+                ms(r.connect_timeout),
+                ms(r.timeout),
             ));
-            if r.strip_prefix {
-                t.push_str("strip_prefix = true\n");
-            }
-            if r.forward_token {
-                t.push_str("forward_token = true\n");
-            }
-            if let Some(v) = &r.timeout {
-                t.push_str(&format!("timeout = {}\n", q(v)));
-            }
-            if let Some(v) = &r.connect_timeout {
-                t.push_str(&format!("connect_timeout = {}\n", q(v)));
-            }
         }
-        t
-    }
-
-    pub fn config(&self) -> keycard::config::Config {
-        let toml = self.to_toml();
-        keycard::config::Config::parse(&toml, Path::new("test.toml"), &env)
-            .unwrap_or_else(|e| panic!("test config rejected:\n{e}\n--- config ---\n{toml}"))
+        out
     }
 }
 
