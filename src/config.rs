@@ -13,6 +13,7 @@
 //! from the TOML spans, its line and column.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -256,8 +257,9 @@ impl Default for IdentityConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PasswordConfig {
-    /// `passwords.memory_kib` (OWASP's 19 MiB by default).
-    #[serde(deserialize_with = "int::<_, _, 8, U32>")]
+    /// `passwords.memory_kib` (OWASP's 19 MiB by default, 1 GiB at most: each hash running
+    /// allocates this much, and an allocation that fails aborts the process).
+    #[serde(deserialize_with = "int::<_, _, 8, GIB_IN_KIB>")]
     pub memory_kib: u32,
     /// `passwords.iterations`.
     #[serde(deserialize_with = "int::<_, _, 1, U32>")]
@@ -298,14 +300,14 @@ pub struct ThrottleConfig {
     /// `throttle.user_limit` (0 disables): failed logins per username per window.
     #[serde(deserialize_with = "int::<_, _, 0, U32>")]
     pub user_limit: u64,
-    /// `throttle.user_window`.
-    #[serde(deserialize_with = "duration::<_, SECOND, NO_MAX>")]
+    /// `throttle.user_window` (a year at most: the store's expiry must be representable).
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
     pub user_window: Duration,
     /// `throttle.address_limit` (0 disables): failed logins per client address per window.
     #[serde(deserialize_with = "int::<_, _, 0, U32>")]
     pub address_limit: u64,
-    /// `throttle.address_window`.
-    #[serde(deserialize_with = "duration::<_, SECOND, NO_MAX>")]
+    /// `throttle.address_window` (a year at most).
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
     pub address_window: Duration,
 }
 
@@ -321,8 +323,7 @@ impl Default for ThrottleConfig {
 }
 
 /// Whether a route needs a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
     /// A valid, unrevoked access token is required.
     Required,
@@ -342,6 +343,7 @@ pub struct RouteConfig {
     #[serde(deserialize_with = "parsed")]
     pub upstream: Upstream,
     /// `auth`.
+    #[serde(deserialize_with = "parsed")]
     pub auth: AuthMode,
     /// `strip_prefix`: remove `path` before forwarding.
     pub strip_prefix: bool,
@@ -474,6 +476,7 @@ impl Config {
         let mut reader = Reader {
             text,
             keys: Vec::new(),
+            by_name: HashMap::new(),
             errors: Vec::new(),
         };
         let config = reader.read(env).map(|c| reader.validate(c));
@@ -549,38 +552,64 @@ struct Key {
 struct Reader<'a> {
     text: &'a str,
     keys: Vec<Key>,
+    /// `keys` by name.
+    by_name: HashMap<String, usize>,
     errors: Vec<ConfigError>,
 }
+
+/// The most errors reported for one file.
+const MAX_ERRORS: usize = 50;
 
 impl Reader<'_> {
     /// Parses the TOML, resolves `${VAR}`, and deserializes, removing each key that fails
     /// and reading again, so one pass reports every bad value. `None` when even that fails.
     fn read(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Option<Config> {
-        let mut doc = match DeTable::parse(self.text) {
-            Ok(doc) => doc,
-            Err(e) => {
-                let position = e.span().map(|s| line_col(self.text, s.start));
-                let message = format!("invalid TOML: {}", e.message().trim_end());
-                self.errors.push(ConfigError {
-                    key: String::new(),
-                    position,
-                    message,
-                });
-                return None;
-            }
-        };
+        let (mut doc, syntax) = DeTable::parse_recoverable(self.text);
         for (k, v) in doc.get_ref().iter() {
             index(k.get_ref().to_string(), k.span(), v, &mut self.keys);
+        }
+        self.by_name = (self.keys.iter().enumerate())
+            .map(|(i, k)| (k.name.clone(), i))
+            .collect();
+        if !syntax.is_empty() {
+            let mut last_line = 0;
+            for e in syntax.iter().take(MAX_ERRORS) {
+                let span = e.span().unwrap_or_default();
+                // One per line: what follows a syntax error on its line is mostly its echo.
+                let line = line_col(self.text, span.start).0;
+                if std::mem::replace(&mut last_line, line) == line {
+                    continue;
+                }
+                let key = self.section_before(span.start).unwrap_or_default();
+                let written = self.text.get(span.clone()).unwrap_or_default();
+                let key = match e.message().contains("duplicate key") {
+                    true if key.is_empty() => written.to_owned(),
+                    true => format!("{key}.{written}"),
+                    false => String::new(),
+                };
+                let message = format!("invalid TOML: {}", e.message().trim_end());
+                self.error(key, e.span(), message);
+            }
+            // A duplicate is dropped and the first one kept, so the rest of the document is
+            // sound and can still be checked; after any other syntax error it may not be.
+            if syntax
+                .iter()
+                .any(|e| !e.message().contains("duplicate key"))
+            {
+                return None;
+            }
         }
         let mut unresolved = Vec::new();
         for (_, v) in doc.get_mut().iter_mut() {
             interpolate_all(v, env, &mut unresolved);
         }
-        for (span, message) in unresolved {
+        for (span, message) in unresolved.into_iter().take(MAX_ERRORS) {
             self.error_at(&span, message);
             remove_at(doc.get_mut(), &span);
         }
-        for _ in 0..=self.keys.len() {
+        // Each failed read costs a pass over the file: bounded, so a file of thousands of bad
+        // keys is reported in part, quickly, rather than in full after minutes.
+        while self.errors.len() < MAX_ERRORS {
             match Config::deserialize(toml::de::Deserializer::from(doc.clone())) {
                 Ok(config) => return Some(config),
                 Err(e) => {
@@ -592,7 +621,22 @@ impl Reader<'_> {
                 }
             }
         }
+        let message = format!("more than {MAX_ERRORS} errors; fix these and check again");
+        self.error("", None, message);
         None
+    }
+
+    /// The table whose header (`[name]` or `[[name]]`, whose span holds its key) is the last
+    /// one before `offset`: where a key written there belongs.
+    fn section_before(&self, offset: usize) -> Option<String> {
+        let header = |k: &&Key| {
+            k.value_span.start <= k.key_span.start
+                && k.key_span.end <= k.value_span.end
+                && k.value_span.end <= offset
+        };
+        let last = self.keys.iter().filter(header);
+        let last = last.max_by_key(|k| (k.value_span.start, k.name.len()))?;
+        Some(last.name.clone())
     }
 
     /// The checks that need more than one key, or the file rather than the values.
@@ -600,6 +644,10 @@ impl Reader<'_> {
         self.require("server", &["listen"]);
         self.require("admin", &["listen"]);
         self.require("store", &["url"]);
+        if c.server.listen == c.admin.listen && self.value_span("admin.listen").is_some() {
+            let message = "must differ from server.listen (they are two listeners)".to_owned();
+            self.error_key("admin.listen", message);
+        }
         self.secret(&mut c.tokens);
         let passwords = &c.passwords;
         if u64::from(passwords.memory_kib) < 8 * u64::from(passwords.parallelism) {
@@ -621,10 +669,11 @@ impl Reader<'_> {
             i += 1;
         }
         if i == c.routes.len() {
+            let mut seen: HashMap<&str, usize> = HashMap::new();
             for (i, route) in c.routes.iter().enumerate() {
                 let key = format!("routes[{i}].path");
-                let first = c.routes[..i].iter().position(|r| r.path == route.path);
-                if let Some(first) = first.filter(|_| self.value_span(&key).is_some()) {
+                let first = *seen.entry(route.path.as_str()).or_insert(i);
+                if first != i && self.value_span(&key).is_some() {
                     let message = format!(
                         "duplicate route path {:?} (already used by routes[{first}])",
                         route.path
@@ -694,7 +743,7 @@ impl Reader<'_> {
     }
 
     fn value_span(&self, name: &str) -> Option<Span> {
-        let key = self.keys.iter().find(|k| k.name == name)?;
+        let key = &self.keys[*self.by_name.get(name)?];
         Some(key.value_span.clone())
     }
 
@@ -819,9 +868,11 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(format!(
-                "invalid variable name `${{{name}}}` (letters, digits and `_`, not starting with a digit)"
-            ));
+            // Not echoed: a value that merely contains `${` may be a secret.
+            return Err(
+                "invalid `${...}` variable name (letters, digits and `_`, not starting with a digit)"
+                    .to_owned(),
+            );
         }
         match env(name) {
             Some(value) => out.push_str(&value),
@@ -898,20 +949,30 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// The largest `secret_file` keycard reads.
 const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
 
-/// Reads a regular file of at most `max` bytes. Anything else is refused before it is opened
-/// or read: a FIFO would block (at startup, or a reloader for ever), `/dev/zero` would never
-/// end, a huge file would fill memory.
+/// Reads a regular file of at most `max` bytes. Anything else is refused: a FIFO would block
+/// (at startup, or a reloader for ever), `/dev/zero` would never end, a huge file would fill
+/// memory. The type is checked on the opened file, not the path, and the open itself never
+/// waits (`O_NONBLOCK`), so a path swapped for a FIFO between the two cannot hang us.
 fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     use std::io::Read;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
+    if meta.len() > max {
+        return Err(format!("larger than {max} bytes"));
+    }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(max + 1).read_to_end(&mut bytes))
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;
-    if meta.len() > max || bytes.len() as u64 > max {
+    if bytes.len() as u64 > max {
         return Err(format!("larger than {max} bytes"));
     }
     Ok(bytes)
@@ -935,6 +996,7 @@ const FIVE_MINUTES: u64 = 300 * SECOND;
 const YEAR: u64 = 365 * 86_400 * SECOND;
 const U32: u64 = u32::MAX as u64;
 const MIB: u64 = 1 << 20;
+const GIB_IN_KIB: u64 = 1 << 20;
 
 /// A config file's listen address when the file has none is an error; this default only
 /// serves configs built in code (tests), which want a free port.
@@ -1070,6 +1132,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.contains(char::is_whitespace) {
         return Err(format!("invalid duration {s:?}: {HINT}, without spaces"));
     }
+    // humantime reads `M` as months: `"10M"` meant as minutes would be a 10-month timeout.
+    if s.contains(|c: char| c.is_ascii_uppercase()) {
+        return Err(format!(
+            "invalid duration {s:?}: units are lower case ({HINT})"
+        ));
+    }
     humantime::parse_duration(s).map_err(|e| match e {
         DurationError::Empty => format!("empty duration: {HINT}"),
         DurationError::UnknownUnit { unit, .. } => {
@@ -1157,6 +1225,12 @@ impl Parse for StoreUrl {
         if !port_is_valid(&uri) {
             return Err("redis URL has an invalid port (expected 1-65535)".to_owned());
         }
+        let db = uri.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(
+                "redis URL has an invalid database number (expected /0, /1, ...)".to_owned(),
+            );
+        }
         Ok(StoreUrl::Redis(s.to_owned()))
     }
 }
@@ -1183,6 +1257,17 @@ fn port_is_valid(uri: &http::Uri) -> bool {
             .and_then(|p| p.parse::<u16>().ok())
             .is_some_and(|p| p != 0),
         None => false,
+    }
+}
+
+/// Only the two words: serde's enum forms (`auth = { public = [] }`) would be accepted too.
+impl Parse for AuthMode {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "required" => Ok(AuthMode::Required),
+            "public" => Ok(AuthMode::Public),
+            other => Err(format!("must be \"required\" or \"public\", got {other:?}")),
+        }
     }
 }
 
@@ -1322,9 +1407,8 @@ impl Parse for Upstream {
             .unwrap_or_default()
             .contains('@')
         {
-            return Err(format!(
-                "upstream {s:?} must not contain user info (user@host)"
-            ));
+            // Not echoed: it would be a password.
+            return Err("upstream must not contain user info (user@host)".to_owned());
         }
         if s.contains('?') || s.contains('#') {
             return Err(format!(
@@ -2034,6 +2118,125 @@ unknown = true
             shown.lines().all(|l| l.starts_with("k.toml: line ")),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn review_findings_check_refuses_what_run_could_not_do() {
+        // Each passed `keycard check` and then failed or crashed `keycard run`.
+        for (line, with, key) in [
+            (
+                "[server]",
+                "[passwords]\nmemory_kib = 4294967295\n[server]",
+                "passwords.memory_kib",
+            ),
+            (
+                "url = \"memory://\"",
+                "url = \"redis://u:pw@h:6379/abc\"",
+                "store.url",
+            ),
+            (
+                "listen = \"127.0.0.1:9901\"",
+                "listen = \"127.0.0.1:8080\"",
+                "admin.listen",
+            ),
+            (
+                "[server]",
+                "[throttle]\nuser_window = \"18446744073709551s\"\n[server]",
+                "throttle.user_window",
+            ),
+            (
+                "path = \"/\"",
+                "path = \"/\"\nauth = { public = [] }",
+                "routes[0].auth",
+            ),
+            (
+                "path = \"/\"",
+                "path = \"/\"\nauth.required = {}",
+                "routes[0].auth",
+            ),
+            (
+                "[server]",
+                "[server]\nheader_read_timeout = \"10M\"",
+                "server.header_read_timeout",
+            ),
+        ] {
+            let e = one_error(&minimal_with(line, with));
+            assert_eq!(e.key, key, "{with}");
+        }
+    }
+
+    #[test]
+    fn review_findings_duplicates_are_all_reported_with_their_keys() {
+        let text = format!(
+            "{}\n[[routes]]\npath = \"/a\"\npath = \"/b\"\nupstream = \"http://h:1\"\nbogus = 1\n",
+            MINIMAL
+                .replace(
+                    "listen = \"127.0.0.1:8080\"",
+                    "listen = \"127.0.0.1:8080\"\nlisten = \"x\""
+                )
+                .replace("url = \"memory://\"", "url = \"memory://\"\nurl = \"x\"")
+        );
+        let errs = errors(&text);
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.listen",
+                "store.url",
+                "routes[1].path",
+                "routes[1].bogus"
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs.iter().all(|e| e.position.is_some()));
+    }
+
+    #[test]
+    fn review_findings_thousands_of_bad_keys_are_reported_in_part() {
+        // Every error costs a read of the file: 30 000 of them took minutes. Now at most
+        // MAX_ERRORS are reported, and a last line says there are more.
+        let mut text = MINIMAL.to_owned();
+        text.push_str("[identity]\n");
+        for i in 0..30_000 {
+            text.push_str(&format!("k{i} = 1\n"));
+        }
+        let errs = errors(&text);
+        assert_eq!(errs.len(), MAX_ERRORS + 1);
+        assert!(
+            errs.last().unwrap().message.contains("more than"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn review_findings_no_secret_fragment_is_echoed() {
+        let text = minimal_with(
+            "secret = \"0123456789abcdef0123456789abcdef\"",
+            "secret = \"Kq7${hunter2-TOPSECRET}zzzzzzzzzzzzzzzzzzzzzzzzzzzzzz\"",
+        );
+        let e = one_error(&text);
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let text = minimal_with("http://127.0.0.1:3000", "http://u:hunter2@h:1");
+        let e = one_error(&text);
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        // The type is checked on the opened file, and the open does not wait: a path swapped
+        // for a FIFO between a check and the open once hung the reloader for good.
+        let fifo = std::env::temp_dir().join(format!("keycard-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(read_small_file(&path, 1024)));
+        let result = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("read_small_file blocked");
+        assert_eq!(result.unwrap_err(), "not a regular file");
+        let _ = std::fs::remove_file(&fifo);
     }
 
     #[test]

@@ -229,7 +229,6 @@ impl Gateway {
                 &path,
                 &identity,
                 token,
-                limits.upgrade_recheck,
             )
         });
         let caller = Caller {

@@ -47,13 +47,15 @@ impl std::fmt::Debug for ReloadSource {
 }
 
 /// What identifies one version of the file: a replaced file (a new inode, as an editor's
-/// save-and-rename or a ConfigMap's symlink swap makes) or a rewritten one (new length or
-/// modification time) both count as a change.
+/// save-and-rename or a ConfigMap's symlink swap makes) or a rewritten one (new length,
+/// modification time, or change time: `touch -r` can put `mtime` back, never `ctime`) all
+/// count as a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
     inode: (u64, u64),
     len: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
 }
 
 /// The file's fingerprint, following symlinks; `None` while it cannot be read (a swap in
@@ -65,6 +67,7 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
         inode: (meta.dev(), meta.ino()),
         len: meta.len(),
         modified: meta.modified().ok(),
+        changed: (meta.ctime(), meta.ctime_nsec()),
     })
 }
 
@@ -95,6 +98,12 @@ pub(crate) async fn watch(
             },
             _ = ticks.tick() => {
                 let now = fingerprint(&source.path);
+                if now.is_none() && seen.is_some() {
+                    // Logged once; the running config stays, and the file is loaded when it
+                    // comes back.
+                    tracing::warn!(path = %source.path.display(), "config file is gone; keeping the running config");
+                    seen = None;
+                }
                 if now.is_none() || now == seen {
                     settling = None;
                     continue;

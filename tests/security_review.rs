@@ -1149,3 +1149,30 @@ async fn open_tunnels_are_rechecked_against_the_reloaded_policy() {
     // And new requests follow the new policy too.
     assert_eq!(gw.get("/api/x", Some(&token)).await.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reaches_open_tunnels_whatever_the_old_recheck_interval() {
+    // Found by the issue 7 review: a tunnel opened under `upgrade_recheck = "1h"` slept the
+    // whole hour, so a reload that made its route require a token (and shortened the
+    // interval) did not reach it.
+    let upstream = UpgradeUpstream::start(Mode::Honest).await;
+    let redis = RedisServer::new();
+    let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
+    opts.routes = vec![route("/pub2", &upstream.url(), "public")];
+    opts.server.upgrade_recheck = Duration::from_secs(3600);
+    let (gw, file) = Gateway::start_reloadable(opts.clone()).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let upgrade = raw_get("/pub2/ws", &["Connection: Upgrade", "Upgrade: websocket"]);
+    stream.write_all(&upgrade).await.unwrap();
+    let head = read_head(&mut stream).await.expect("head");
+    assert_eq!(parse_response_head(&head).0, 101);
+
+    opts.routes = vec![route("/pub2", &upstream.url(), "required")];
+    opts.server.upgrade_recheck = Duration::from_secs(1);
+    file.write(&opts.to_toml());
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        closed,
+        "anonymous tunnel still open after its route began requiring a token"
+    );
+}

@@ -149,19 +149,20 @@ pub struct SessionWatch {
     token: Option<String>,
     /// Unix seconds after which the token is expired (its `exp` plus the leeway).
     ends_at: Option<u64>,
-    recheck: Duration,
 }
+
+/// How soon an open tunnel notices a reload.
+const RELOAD_NOTICE: Duration = Duration::from_secs(1);
 
 impl SessionWatch {
     /// A watch on a tunnel opened on `path` by `identity` (with `token`, when it needed
-    /// one), rechecked every `recheck`.
+    /// one).
     pub fn new(
         store: &Store,
         policy: Arc<ArcSwap<Policy>>,
         path: &str,
         identity: &Identity,
         token: Option<&str>,
-        recheck: Duration,
     ) -> SessionWatch {
         let ends_at = match identity {
             Identity::User(claims) => Some(policy.load().tokens.accepted_until(claims)),
@@ -173,19 +174,25 @@ impl SessionWatch {
             path: path.to_owned(),
             token: token.filter(|_| ends_at.is_some()).map(str::to_owned),
             ends_at,
-            recheck,
         }
     }
 
     /// Resolves, with the reason, once the session must end: the token expired or was
     /// revoked, the current policy no longer lets it in, or the store could not say (fail
-    /// closed).
+    /// closed). Checked every `server.upgrade_recheck` of the policy in force, and within
+    /// [`RELOAD_NOTICE`] of a reload, so a reload that removes or closes the route, or
+    /// shortens the interval, reaches tunnels that are already open.
     pub async fn ended(mut self) -> &'static str {
+        let mut seen = self.policy.load_full();
+        let mut checked = tokio::time::Instant::now();
         loop {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(u64::MAX, |d| d.as_secs());
-            let mut wait = self.recheck;
+            let due = checked + seen.limits.upgrade_recheck;
+            let mut wait = due
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(RELOAD_NOTICE);
             if let Some(ends_at) = self.ends_at {
                 if now >= ends_at {
                     return "token expired";
@@ -193,8 +200,14 @@ impl SessionWatch {
                 wait = wait.min(Duration::from_secs(ends_at - now));
             }
             tokio::time::sleep(wait).await;
-            if let Some(reason) = self.still_allowed().await {
-                return reason;
+            let current = self.policy.load_full();
+            let reloaded = !Arc::ptr_eq(&current, &seen);
+            if reloaded || tokio::time::Instant::now() >= checked + current.limits.upgrade_recheck {
+                seen = current;
+                checked = tokio::time::Instant::now();
+                if let Some(reason) = self.still_allowed().await {
+                    return reason;
+                }
             }
         }
     }
