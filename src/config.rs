@@ -24,6 +24,8 @@ use ipnet::IpNet;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+
+use crate::auth::keys;
 use toml::de::{DeArray, DeTable, DeValue};
 
 /// Re-exported so users of [`Secret`] need no direct secrecy dependency.
@@ -195,14 +197,28 @@ impl fmt::Debug for StoreUrl {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenConfig {
-    /// `tokens.algorithm`: HS256, HS384 or HS512; the only one accepted on verification.
+    /// `tokens.algorithm`: HS256, HS384, HS512, RS256, ES256 or EdDSA; the current key signs
+    /// with it and is accepted only with it.
     #[serde(deserialize_with = "parsed")]
     pub algorithm: jsonwebtoken::Algorithm,
-    /// `tokens.secret`, or after validation the contents of `tokens.secret_file`.
+    /// `tokens.secret` (HS*), or after validation the contents of `tokens.secret_file`.
     #[serde(deserialize_with = "secret")]
     pub secret: Secret,
     /// `tokens.secret_file`: where the secret was read from, if not inline.
     pub secret_file: Option<PathBuf>,
+    /// `tokens.private_key_file` (RS256, ES256, EdDSA): a PEM private key.
+    pub private_key_file: Option<PathBuf>,
+    /// The PEM read from `private_key_file` by validation.
+    #[serde(skip)]
+    pub private_key: Secret,
+    /// `tokens.kid`: the key id put in every token's header.
+    #[serde(deserialize_with = "non_empty")]
+    pub kid: String,
+    /// `tokens.audience`: put in every token's `aud`, and required there on verification.
+    #[serde(deserialize_with = "non_empty_some")]
+    pub audience: Option<String>,
+    /// `[[tokens.previous_keys]]`: keys that still verify, never sign.
+    pub previous_keys: Vec<PreviousKey>,
     /// `tokens.issuer`.
     #[serde(deserialize_with = "non_empty")]
     pub issuer: String,
@@ -223,12 +239,40 @@ impl Default for TokenConfig {
             algorithm: jsonwebtoken::Algorithm::HS256,
             secret: Secret::default(),
             secret_file: None,
+            private_key_file: None,
+            private_key: Secret::default(),
+            kid: "default".to_owned(),
+            audience: None,
+            previous_keys: Vec::new(),
             issuer: "keycard".to_owned(),
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(7 * 24 * 3600),
             leeway: Duration::ZERO,
         }
     }
+}
+
+/// One `[[tokens.previous_keys]]` entry: a retired signing key that still verifies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviousKey {
+    /// `kid` (required): tokens whose header names it are checked with this key.
+    #[serde(deserialize_with = "non_empty")]
+    pub kid: String,
+    /// `algorithm`: by default `tokens.algorithm` for a secret (HS256 if that is not HS*),
+    /// and the key's own type for a key file. Set by validation.
+    #[serde(deserialize_with = "parsed_some")]
+    pub algorithm: Option<jsonwebtoken::Algorithm>,
+    /// `public_key_file`: a PEM public key (RS256, ES256, EdDSA).
+    pub public_key_file: Option<PathBuf>,
+    /// The PEM read from `public_key_file` by validation.
+    #[serde(skip)]
+    pub public_key: Vec<u8>,
+    /// `secret` (HS*), or after validation the contents of `secret_file`.
+    #[serde(deserialize_with = "secret")]
+    pub secret: Secret,
+    /// `secret_file`.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// `[identity]`.
@@ -648,7 +692,7 @@ impl Reader<'_> {
             let message = "must differ from server.listen (they are two listeners)".to_owned();
             self.error_key("admin.listen", message);
         }
-        self.secret(&mut c.tokens);
+        self.keys(&mut c.tokens);
         let passwords = &c.passwords;
         if u64::from(passwords.memory_kib) < 8 * u64::from(passwords.parallelism) {
             let least = 8 * u64::from(passwords.parallelism);
@@ -685,47 +729,160 @@ impl Reader<'_> {
         c
     }
 
-    /// `tokens.secret` or `tokens.secret_file`: exactly one, at least 32 bytes. No message
-    /// ever contains the secret itself.
-    fn secret(&mut self, tokens: &mut TokenConfig) {
-        if self.has_error("tokens") {
+    /// The signing key and the previous keys: the right kind of material for each algorithm,
+    /// read from its file, and loaded once to prove it is a key. No message ever contains key
+    /// material.
+    fn keys(&mut self, t: &mut TokenConfig) {
+        if self.has_error("tokens") || self.has_error("tokens.algorithm") {
             return;
         }
-        let inline = self.value_span("tokens.secret").is_some();
-        let key = match (inline, &tokens.secret_file) {
-            _ if self.has_error("tokens.secret") || self.has_error("tokens.secret_file") => return,
+        let alg = t.algorithm;
+        let material = if is_hmac(alg) {
+            self.forbid(
+                "tokens",
+                "private_key_file",
+                "tokens.secret or tokens.secret_file",
+            );
+            self.secret("tokens", &mut t.secret, &t.secret_file)
+                .map(|key| (key, keys::Material::Secret(t.secret.expose_secret())))
+        } else {
+            self.forbid("tokens", "secret", "tokens.private_key_file");
+            self.forbid("tokens", "secret_file", "tokens.private_key_file");
+            self.key_file("tokens", "private_key_file", &t.private_key_file)
+                .map(|pem| {
+                    t.private_key = Secret::from(pem);
+                    let pem = keys::Material::PrivatePem(t.private_key.expose_secret());
+                    ("tokens.private_key_file".to_owned(), pem)
+                })
+        };
+        if let Some((key, material)) = material {
+            if let Err(message) = keys::load(&t.kid, alg, material) {
+                self.error_key(&key, message);
+            }
+        }
+        let mut kids = vec![t.kid.clone()];
+        for (i, p) in t.previous_keys.iter_mut().enumerate() {
+            let name = format!("tokens.previous_keys[{i}]");
+            self.require(&name, &["kid"]);
+            if kids.contains(&p.kid) && self.value_span(&format!("{name}.kid")).is_some() {
+                let message = format!("kid {:?} is already used by another key", p.kid);
+                self.error_key(&format!("{name}.kid"), message);
+            }
+            kids.push(p.kid.clone());
+            let file = self
+                .value_span(&format!("{name}.public_key_file"))
+                .is_some();
+            let material = if file {
+                self.forbid(&name, "secret", "public_key_file");
+                self.forbid(&name, "secret_file", "public_key_file");
+                let pem = self.key_file(&name, "public_key_file", &p.public_key_file);
+                pem.map(|pem| {
+                    p.public_key = pem;
+                    (
+                        format!("{name}.public_key_file"),
+                        keys::Material::PublicPem(&p.public_key),
+                    )
+                })
+            } else {
+                let key = self.secret(&name, &mut p.secret, &p.secret_file);
+                key.map(|key| (key, keys::Material::Secret(p.secret.expose_secret())))
+            };
+            let Some((key, material)) = material else {
+                continue;
+            };
+            let guesses = match (p.algorithm, &material) {
+                (Some(alg), _) => vec![alg],
+                (None, keys::Material::Secret(_)) if is_hmac(alg) => vec![alg],
+                (None, keys::Material::Secret(_)) => vec![jsonwebtoken::Algorithm::HS256],
+                (None, _) => keys::ALGORITHMS
+                    .iter()
+                    .copied()
+                    .filter(|a| !is_hmac(*a))
+                    .collect(),
+            };
+            let loaded = guesses
+                .iter()
+                .find_map(|a| keys::load(&p.kid, *a, material).ok().map(|_| *a));
+            match loaded {
+                Some(alg) => p.algorithm = Some(alg),
+                None => {
+                    let message = match guesses.as_slice() {
+                        [alg] => keys::load(&p.kid, *alg, material).err().unwrap_or_default(),
+                        _ => "not an RSA, P-256 or Ed25519 public key in PEM".to_owned(),
+                    };
+                    self.error_key(&key, message);
+                }
+            }
+        }
+    }
+
+    /// `section.secret` or `section.secret_file` (read into `secret`): exactly one. Returns
+    /// the key it came from.
+    fn secret(
+        &mut self,
+        section: &str,
+        secret: &mut Secret,
+        file: &Option<PathBuf>,
+    ) -> Option<String> {
+        let (inline, from_file) = (
+            format!("{section}.secret"),
+            format!("{section}.secret_file"),
+        );
+        if self.has_error(&inline) || self.has_error(&from_file) {
+            return None;
+        }
+        match (self.value_span(&inline).is_some(), file) {
             (true, Some(_)) => {
-                let message = "set either tokens.secret or tokens.secret_file, not both";
-                return self.error_key("tokens.secret_file", message.to_owned());
+                let message = format!("set either {inline} or {from_file}, not both");
+                self.error_key(&from_file, message);
+                None
             }
             (false, None) => {
-                let span = self.value_span("tokens");
-                let message = "missing required key (set tokens.secret or tokens.secret_file)";
-                return self.error("tokens.secret", span, message);
+                let span = self.value_span(section);
+                let message = format!("missing required key (set {inline} or {from_file})");
+                self.error(inline, span, message);
+                None
             }
-            (true, None) => "tokens.secret",
+            (true, None) => Some(inline),
             (false, Some(path)) => match read_small_file(path, MAX_SECRET_FILE_BYTES) {
                 Ok(mut bytes) => {
                     let end = bytes.strip_suffix(b"\r\n").or(bytes.strip_suffix(b"\n"));
                     bytes.truncate(end.map_or(bytes.len(), <[u8]>::len));
-                    tokens.secret = Secret::from(bytes);
-                    "tokens.secret_file"
+                    *secret = Secret::from(bytes);
+                    Some(from_file)
                 }
                 Err(e) => {
                     let message = format!("cannot read {}: {e}", path.display());
-                    return self.error_key("tokens.secret_file", message);
+                    self.error_key(&from_file, message);
+                    None
                 }
             },
-        };
-        let len = tokens.secret.expose_secret().len();
-        if len < MIN_SECRET_BYTES {
-            let message = format!(
-                "secret is {len} bytes; HS* needs at least {MIN_SECRET_BYTES} (generate one with `openssl rand -base64 48`)"
-            );
-            self.error_key(key, message);
         }
     }
 
+    /// Reports `section.key` as not belonging with this kind of key.
+    fn forbid(&mut self, section: &str, key: &str, instead: &str) {
+        let key = format!("{section}.{key}");
+        if self.value_span(&key).is_some() {
+            self.error_key(&key, format!("not used with this algorithm; set {instead}"));
+        }
+    }
+
+    /// Reads the PEM file at `section.key`, which is required.
+    fn key_file(&mut self, section: &str, key: &str, path: &Option<PathBuf>) -> Option<Vec<u8>> {
+        let key = format!("{section}.{key}");
+        if self.has_error(&key) {
+            return None;
+        }
+        let Some(path) = path else {
+            let span = self.value_span(section);
+            self.error(key, span, "missing required key (a PEM key file)");
+            return None;
+        };
+        read_small_file(path, MAX_SECRET_FILE_BYTES)
+            .map_err(|e| self.error_key(&key, format!("cannot read {}: {e}", path.display())))
+            .ok()
+    }
     /// Reports `keys` of `section` that the file lacks (at the section's header), or the
     /// section itself when it is missing; keys that already have an error are not repeated.
     fn require(&mut self, section: &str, keys: &[&str]) {
@@ -1003,9 +1160,6 @@ const GIB_IN_KIB: u64 = 1 << 20;
 const LOOPBACK_ANY_PORT: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
-/// The minimum HS* key length: shorter keys make brute-forcing the signature realistic.
-const MIN_SECRET_BYTES: usize = 32;
-
 /// A value written in the file as a string and parsed by its own rule.
 trait Parse: Sized {
     fn parse(s: &str) -> Result<Self, String>;
@@ -1109,6 +1263,20 @@ fn int<'de, D: Deserializer<'de>, T: TryFrom<u64>, const MIN: u64, const MAX: u6
 
 fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
     String::deserialize(d).map(|s| Secret::from(s.into_bytes()))
+}
+
+fn parsed_some<'de, D: Deserializer<'de>, T: Parse>(d: D) -> Result<Option<T>, D::Error> {
+    parsed(d).map(Some)
+}
+
+fn non_empty_some<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    non_empty(d).map(Some)
+}
+
+/// HS256, HS384, HS512: signed with a shared secret.
+pub fn is_hmac(alg: jsonwebtoken::Algorithm) -> bool {
+    use jsonwebtoken::Algorithm::{HS256, HS384, HS512};
+    matches!(alg, HS256 | HS384 | HS512)
 }
 
 fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -1273,14 +1441,14 @@ impl Parse for AuthMode {
 
 impl Parse for jsonwebtoken::Algorithm {
     fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "HS256" => Ok(jsonwebtoken::Algorithm::HS256),
-            "HS384" => Ok(jsonwebtoken::Algorithm::HS384),
-            "HS512" => Ok(jsonwebtoken::Algorithm::HS512),
-            other => Err(format!(
-                "unsupported algorithm {other:?}: only HS256, HS384 and HS512 are supported"
-            )),
-        }
+        keys::ALGORITHMS
+            .into_iter()
+            .find(|alg| format!("{alg:?}") == s)
+            .ok_or_else(|| {
+                format!(
+                    "unsupported algorithm {s:?}: use HS256, HS384, HS512, RS256, ES256 or EdDSA"
+                )
+            })
     }
 }
 
@@ -1885,7 +2053,8 @@ timeout = "2m"
 
     #[test]
     fn bad_algorithm() {
-        for alg in ["RS256", "ES256", "none", "hs256"] {
+        // RS256, ES256 and EdDSA are supported since issue 8 (see `asymmetric_keys`).
+        for alg in ["PS256", "RS512", "none", "hs256"] {
             let text = minimal_with("[tokens]", &format!("[tokens]\nalgorithm = \"{alg}\""));
             let e = one_error(&text);
             assert_eq!(e.key, "tokens.algorithm");
@@ -2084,7 +2253,7 @@ listen = "127.0.0.1:9901"
 url = "memory://"
 timeout = "2"
 [tokens]
-algorithm = "RS256"
+algorithm = "PS256"
 secret = "${NOT_SET}"
 [[routes]]
 path = "/api/"
@@ -2118,6 +2287,89 @@ unknown = true
             shown.lines().all(|l| l.starts_with("k.toml: line ")),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn asymmetric_keys() {
+        let keyed = |tokens: &str| {
+            minimal_with(
+                "[tokens]\nsecret = \"0123456789abcdef0123456789abcdef\"",
+                &format!("[tokens]\n{tokens}"),
+            )
+        };
+        let text = keyed(
+            "algorithm = \"ES256\"\nprivate_key_file = \"tests/keys/es256.pem\"\nkid = \"2026-11\"\n\
+             audience = \"my-api\"\n\
+             [[tokens.previous_keys]]\nkid = \"2026-10\"\npublic_key_file = \"tests/keys/es256-old.pub.pem\"\n\
+             [[tokens.previous_keys]]\nkid = \"hs\"\nsecret = \"0123456789abcdef0123456789abcdef\"",
+        );
+        let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tokens.kid, "2026-11");
+        assert_eq!(c.tokens.audience.as_deref(), Some("my-api"));
+        assert!(!c.tokens.private_key.expose_secret().is_empty());
+        let algs: Vec<_> = c.tokens.previous_keys.iter().map(|p| p.algorithm).collect();
+        assert_eq!(
+            algs,
+            [
+                Some(jsonwebtoken::Algorithm::ES256),
+                Some(jsonwebtoken::Algorithm::HS256)
+            ]
+        );
+        assert_eq!(
+            parse(&text.replace("kid = \"2026-11\"\n", ""))
+                .unwrap()
+                .tokens
+                .kid,
+            "default"
+        );
+        assert!(
+            !format!("{c:?}").contains("PRIVATE"),
+            "key material in Debug"
+        );
+
+        for (tokens, key) in [
+            ("algorithm = \"ES256\"", "tokens.private_key_file"),
+            (
+                "algorithm = \"ES256\"\nprivate_key_file = \"tests/keys/es256.pem\"\nsecret = \"0123456789abcdef0123456789abcdef\"",
+                "tokens.secret",
+            ),
+            (
+                "algorithm = \"ES256\"\nprivate_key_file = \"tests/keys/rs256.pem\"",
+                "tokens.private_key_file",
+            ),
+            (
+                "algorithm = \"RS256\"\nprivate_key_file = \"tests/keys/rs256.pub.pem\"",
+                "tokens.private_key_file",
+            ),
+            (
+                "algorithm = \"EdDSA\"\nprivate_key_file = \"/nonexistent.pem\"",
+                "tokens.private_key_file",
+            ),
+            (
+                "secret = \"0123456789abcdef0123456789abcdef\"\nprivate_key_file = \"tests/keys/es256.pem\"",
+                "tokens.private_key_file",
+            ),
+            (
+                "secret = \"0123456789abcdef0123456789abcdef\"\n[[tokens.previous_keys]]\nkid = \"default\"\nsecret = \"0123456789abcdef0123456789abcdef\"",
+                "tokens.previous_keys[0].kid",
+            ),
+            (
+                "secret = \"0123456789abcdef0123456789abcdef\"\n[[tokens.previous_keys]]\nsecret = \"0123456789abcdef0123456789abcdef\"",
+                "tokens.previous_keys[0].kid",
+            ),
+            (
+                "secret = \"0123456789abcdef0123456789abcdef\"\n[[tokens.previous_keys]]\nkid = \"x\"\npublic_key_file = \"tests/keys/README.md\"",
+                "tokens.previous_keys[0].public_key_file",
+            ),
+            (
+                "secret = \"0123456789abcdef0123456789abcdef\"\n[[tokens.previous_keys]]\nkid = \"x\"\nsecret = \"short\"",
+                "tokens.previous_keys[0].secret",
+            ),
+        ] {
+            let e = one_error(&keyed(tokens));
+            assert_eq!(e.key, key, "{tokens}");
+            assert!(!e.message.contains("BEGIN"), "{e}");
+        }
     }
 
     #[test]

@@ -289,14 +289,16 @@ fn endpoint_path(endpoint: Endpoint) -> &'static str {
         Endpoint::Login => "/login",
         Endpoint::Logout => "/logout",
         Endpoint::Refresh => "/refresh",
+        Endpoint::Jwks => "/.well-known/jwks.json",
     }
 }
 
-const ALL_ENDPOINTS: [Endpoint; 4] = [
+const ALL_ENDPOINTS: [Endpoint; 5] = [
     Endpoint::Register,
     Endpoint::Login,
     Endpoint::Logout,
     Endpoint::Refresh,
+    Endpoint::Jwks,
 ];
 
 #[test]
@@ -321,7 +323,13 @@ fn request_bodies_and_security_are_documented_per_operation() {
         for method in methods {
             let op = spec.operation(&method, &path);
             let takes_credentials = matches!(path.as_str(), "/register" | "/login");
-            if takes_credentials {
+            if path == "/.well-known/jwks.json" {
+                assert!(op.get("security").is_none(), "the key set is public");
+                assert!(
+                    op.get("requestBody").is_none(),
+                    "{method} {path} reads no body"
+                );
+            } else if takes_credentials {
                 let body = spec.resolve(&op["requestBody"]);
                 assert_eq!(body["required"], true, "{method} {path}");
                 let types: BTreeSet<&str> = body["content"]
@@ -798,6 +806,14 @@ async fn every_documented_status_is_provoked_and_every_answer_conforms() {
     }
     let (m, r) = ("POST", "/register");
     p.case(m, r, "address throttled", p.json(m, r, &ok), 429)
+        .await;
+
+    // ---- GET /.well-known/jwks.json (HS256 here: an empty set)
+    let (m, r) = ("GET", "/.well-known/jwks.json");
+    p.case(m, r, "key set", p.request(m, r), 200).await;
+    p.case(m, r, "long target", p.request(m, &long_target(r)), 414)
+        .await;
+    p.case(m, r, "huge header", huge_header(p.request(m, r)), 431)
         .await;
 
     // ---- the store goes away: every operation fails closed with 503

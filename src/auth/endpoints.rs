@@ -34,6 +34,8 @@ pub enum Endpoint {
     Logout,
     /// `POST /refresh`.
     Refresh,
+    /// `GET /.well-known/jwks.json`: the public verification keys (RFC 7517).
+    Jwks,
 }
 
 impl Endpoint {
@@ -45,6 +47,7 @@ impl Endpoint {
             "/login" => Some(Endpoint::Login),
             "/logout" => Some(Endpoint::Logout),
             "/refresh" => Some(Endpoint::Refresh),
+            "/.well-known/jwks.json" => Some(Endpoint::Jwks),
             _ => None,
         }
     }
@@ -56,6 +59,7 @@ impl Endpoint {
             Endpoint::Login => "login",
             Endpoint::Logout => "logout",
             Endpoint::Refresh => "refresh",
+            Endpoint::Jwks => "jwks",
         }
     }
 
@@ -66,6 +70,7 @@ impl Endpoint {
                 "DELETE, POST",
                 method == Method::DELETE || method == Method::POST,
             ),
+            Endpoint::Jwks => ("GET", method == Method::GET),
             _ => ("POST", method == Method::POST),
         };
         if ok {
@@ -98,6 +103,21 @@ impl Auth {
         endpoint.allows(request.method())?;
         let (tokens, throttle, limits) = (&policy.tokens, &policy.throttle, &policy.limits);
         match endpoint {
+            Endpoint::Jwks => {
+                let mut response = Response::new(body::full(tokens.jwks().to_owned()));
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                // Keys change only on a reload; verifiers may cache them for a while, and
+                // fetch again on a `kid` they do not know.
+                headers.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=300"),
+                );
+                Ok((response, None))
+            }
             Endpoint::Register => {
                 let creds =
                     read_credentials(request, limits.max_auth_body, limits.body_read_timeout)

@@ -9,6 +9,7 @@
 //! endpoint or, through [`Auth::authorize`], to decide a request's [`Identity`].
 
 pub mod endpoints;
+pub mod keys;
 pub mod password;
 pub mod store;
 pub mod token;

@@ -19,10 +19,13 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
+use super::keys::{self, Material, VerifyingKey};
 use crate::config::TokenConfig;
 
 /// Largest clock leeway honoured, in seconds (one year).
@@ -65,6 +68,9 @@ pub struct Claims {
     /// Access or refresh, see [`TokenType`].
     #[serde(rename = "type")]
     pub token_type: TokenType,
+    /// `tokens.audience`, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 /// The claims as they arrive, before we know they are all there.
@@ -118,12 +124,16 @@ pub struct IssuedPair {
 /// Shared by every request (wrap it in an `Arc`); all methods take `&self` and do no I/O.
 #[derive(Clone)]
 pub struct Tokens {
-    encoding_key: EncodingKey,
-    decoding_key: DecodingKey,
+    /// The current key's private half; `None` only when the configured material was unusable
+    /// (then nothing is issued and nothing verifies).
+    signing: Option<EncodingKey>,
     header: Header,
-    validation: Validation,
-    algorithm: Algorithm,
+    /// The current key first, then the previous ones; each with the validation rules for its
+    /// own algorithm.
+    keys: Vec<(VerifyingKey, Validation)>,
+    jwks: Arc<str>,
     issuer: String,
+    audience: Option<String>,
     access_ttl: u64,
     refresh_ttl: u64,
     leeway: u64,
@@ -132,25 +142,26 @@ pub struct Tokens {
 /// Never prints keys: this struct ends up in `Debug` output of whatever holds it.
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kids: Vec<&str> = self.keys.iter().map(|(k, _)| k.kid.as_str()).collect();
         f.debug_struct("Tokens")
-            .field("algorithm", &self.algorithm)
+            .field("algorithm", &self.header.alg)
+            .field("kids", &kids)
             .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
             .field("access_ttl", &self.access_ttl)
             .field("refresh_ttl", &self.refresh_ttl)
             .field("leeway", &self.leeway)
-            .field("keys", &"<redacted>")
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Tokens {
     /// Builds keys, header and validation rules once, so verification does no setup per call.
     ///
-    /// The configured algorithm is assumed to be an HMAC one (the config only accepts HS*);
-    /// anything else makes every `issue` fail with [`TokenError::Signing`] and every `verify`
-    /// fail as invalid, never accept.
+    /// The config was validated, so the key material loads. If it does not (a config built in
+    /// code with bad material), the error is logged and the result fails closed: every `issue`
+    /// fails with [`TokenError::Signing`] and every `verify` as invalid, none accepts.
     pub fn new(config: &TokenConfig) -> Tokens {
-        let secret = config.secret.expose_secret();
         let leeway = config.leeway.as_secs().min(MAX_LEEWAY_SECS);
         if leeway < config.leeway.as_secs() {
             tracing::warn!(
@@ -159,27 +170,69 @@ impl Tokens {
                 "tokens.leeway is implausibly large; clamped"
             );
         }
-
-        let mut validation = Validation::new(config.algorithm);
-        validation.algorithms = vec![config.algorithm];
-        validation.set_issuer(&[config.issuer.as_str()]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
-        validation.leeway = leeway;
-
+        let validation = |alg: Algorithm| {
+            let mut validation = Validation::new(alg);
+            validation.algorithms = vec![alg];
+            validation.set_issuer(&[config.issuer.as_str()]);
+            let mut required = vec!["exp", "nbf", "iss", "sub"];
+            match &config.audience {
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    required.push("aud");
+                }
+                None => validation.validate_aud = false,
+            }
+            validation.set_required_spec_claims(&required);
+            validation.validate_exp = true;
+            validation.validate_nbf = true;
+            validation.leeway = leeway;
+            validation
+        };
+        let current = if crate::config::is_hmac(config.algorithm) {
+            Material::Secret(config.secret.expose_secret())
+        } else {
+            Material::PrivatePem(config.private_key.expose_secret())
+        };
+        let mut signing = None;
+        let mut keys = Vec::new();
+        match keys::load(&config.kid, config.algorithm, current) {
+            Ok((key, encoding)) => {
+                signing = encoding;
+                keys.push((key, validation(config.algorithm)));
+            }
+            Err(e) => tracing::error!(kid = %config.kid, error = %e, "signing key unusable"),
+        }
+        for previous in &config.previous_keys {
+            let material = if previous.public_key.is_empty() {
+                Material::Secret(previous.secret.expose_secret())
+            } else {
+                Material::PublicPem(&previous.public_key)
+            };
+            let alg = previous.algorithm.unwrap_or(config.algorithm);
+            match keys::load(&previous.kid, alg, material) {
+                Ok((key, _)) => keys.push((key, validation(alg))),
+                Err(e) => tracing::error!(kid = %previous.kid, error = %e, "previous key unusable"),
+            }
+        }
+        let mut header = Header::new(config.algorithm);
+        header.kid = Some(config.kid.clone());
         Tokens {
-            encoding_key: EncodingKey::from_secret(secret),
-            decoding_key: DecodingKey::from_secret(secret),
-            header: Header::new(config.algorithm),
-            validation,
-            algorithm: config.algorithm,
+            signing,
+            header,
+            jwks: Arc::from(keys::jwks(keys.iter().map(|(k, _)| k))),
+            keys,
             issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
             access_ttl: config.access_ttl.as_secs(),
             refresh_ttl: config.refresh_ttl.as_secs(),
             leeway,
         }
+    }
+
+    /// The JWKS document (RFC 7517) of the public verification keys, for
+    /// `GET /.well-known/jwks.json`; `{"keys":[]}` when every key is an HMAC secret.
+    pub fn jwks(&self) -> &str {
+        &self.jwks
     }
 
     /// Signs a new token for `sub` of the given type; returns the token and its claims (the
@@ -199,8 +252,13 @@ impl Tokens {
             jti: new_jti()?,
             iss: self.issuer.clone(),
             token_type,
+            aud: self.audience.clone(),
         };
-        let token = jsonwebtoken::encode(&self.header, &claims, &self.encoding_key)
+        let key = self
+            .signing
+            .as_ref()
+            .ok_or_else(|| TokenError::Signing("no usable signing key".into()))?;
+        let token = jsonwebtoken::encode(&self.header, &claims, key)
             .map_err(|e| TokenError::Signing(e.to_string()))?;
         Ok((token, claims))
     }
@@ -231,11 +289,21 @@ impl Tokens {
     /// Checks a presented token completely (except revocation, which needs the store) and
     /// returns its claims.
     ///
-    /// Accepts only the configured algorithm, a valid signature, the configured issuer, all
+    /// The key is the one the header's `kid` names; a token without `kid` (minted before
+    /// keys had ids, or by a tool) is tried against the current key only. Accepts only that
+    /// key's algorithm, a valid signature, the configured issuer (and audience, when set), all
     /// claims present, `nbf`/`iat` not later than now + leeway, not expired (now + leeway
     /// before `exp`), and `type == expected`.
     pub fn verify(&self, token: &str, expected: TokenType) -> Result<Claims, TokenError> {
-        let data = jsonwebtoken::decode::<RawClaims>(token, &self.decoding_key, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|e| map_decode_error(e.kind()))?;
+        let (key, validation) = match header.kid.as_deref() {
+            None => self.keys.first(),
+            Some(kid) => self.keys.iter().find(|(k, _)| k.kid == kid),
+        }
+        // An unknown `kid` (a retired key, another deployment's) is a signature that no key
+        // of ours can verify.
+        .ok_or(TokenError::Invalid("Signature verification failed"))?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key.decoding, validation)
             .map_err(|e| map_decode_error(e.kind()))?;
 
         // We never issue `crit`; if a token carries one we cannot honour it (RFC 7515 §4.1.11).
@@ -295,6 +363,7 @@ impl Tokens {
             jti,
             iss,
             token_type,
+            aud: self.audience.clone(),
         })
     }
 }
@@ -320,6 +389,7 @@ fn map_decode_error(kind: &ErrorKind) -> TokenError {
             TokenError::Invalid("Invalid algorithm")
         }
         ErrorKind::InvalidIssuer => TokenError::Invalid("Invalid issuer"),
+        ErrorKind::InvalidAudience => TokenError::Invalid("Invalid audience"),
         ErrorKind::ImmatureSignature => TokenError::Invalid("Token not yet valid"),
         ErrorKind::MissingRequiredClaim(_) => TokenError::Invalid("Missing claim"),
         _ => TokenError::Invalid("Invalid token"),

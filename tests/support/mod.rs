@@ -37,7 +37,8 @@ use tokio::task::JoinHandle;
 /// test binary uses all of it).
 #[allow(unused_imports)]
 pub use keycard::config::{
-    AuthMode, Config, ExposeSecret, PasswordConfig, RouteConfig, Secret, StoreUrl, ThrottleConfig,
+    AuthMode, Config, ExposeSecret, PasswordConfig, PreviousKey, RouteConfig, Secret, StoreUrl,
+    ThrottleConfig, TokenConfig,
 };
 #[allow(unused_imports)]
 pub use std::time::Duration;
@@ -574,12 +575,45 @@ impl GatewayOpts {
             format!("[{}]", quoted.join(", "))
         };
         let (s, p, t, th) = (&c.server, &c.passwords, &c.tokens, &c.throttle);
-        let secret = t.secret.expose_secret();
-        let secret = if secret == SECRET.as_bytes() {
-            q("${KEYCARD_SECRET}")
-        } else {
-            q(std::str::from_utf8(secret).expect("test secrets are text"))
+        let secret = |secret: &Secret, file: &Option<std::path::PathBuf>| match file {
+            Some(path) => format!("secret_file = {}\n", q(&path.display().to_string())),
+            None if secret.expose_secret() == SECRET.as_bytes() => {
+                format!("secret = {}\n", q("${KEYCARD_SECRET}"))
+            }
+            None if secret.expose_secret().is_empty() => String::new(),
+            None => {
+                let text = std::str::from_utf8(secret.expose_secret()).expect("text secret");
+                format!("secret = {}\n", q(text))
+            }
         };
+        let path = |p: &std::path::Path| q(&p.display().to_string());
+        let mut tokens = format!(
+            "[tokens]\nalgorithm = {}\nkid = {}\nissuer = {}\naccess_ttl = {}\nrefresh_ttl = {}\n\
+             leeway = {}\n{}",
+            q(&format!("{:?}", t.algorithm)),
+            q(&t.kid),
+            q(&t.issuer),
+            ms(t.access_ttl),
+            ms(t.refresh_ttl),
+            ms(t.leeway),
+            secret(&t.secret, &t.secret_file),
+        );
+        if let Some(file) = &t.private_key_file {
+            tokens.push_str(&format!("private_key_file = {}\n", path(file)));
+        }
+        if let Some(aud) = &t.audience {
+            tokens.push_str(&format!("audience = {}\n", q(aud)));
+        }
+        for k in &t.previous_keys {
+            tokens.push_str(&format!("[[tokens.previous_keys]]\nkid = {}\n", q(&k.kid)));
+            if let Some(alg) = k.algorithm {
+                tokens.push_str(&format!("algorithm = {}\n", q(&format!("{alg:?}"))));
+            }
+            match &k.public_key_file {
+                Some(file) => tokens.push_str(&format!("public_key_file = {}\n", path(file))),
+                None => tokens.push_str(&secret(&k.secret, &k.secret_file)),
+            }
+        }
         let store_url = match &c.store.url {
             StoreUrl::Memory => "memory://".to_owned(),
             StoreUrl::Redis(url) => url.clone(),
@@ -591,8 +625,7 @@ impl GatewayOpts {
              upgrade_protocols = {}\nbody_read_timeout = {}\nbody_idle_timeout = {}\n\
              h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
              [store]\nurl = {}\nprefix = {}\ntimeout = {}\n\n\
-             [tokens]\nalgorithm = {}\nsecret = {secret}\nissuer = {}\naccess_ttl = {}\n\
-             refresh_ttl = {}\nleeway = {}\n\n\
+             {tokens}\n\
              [identity]\nuser_header = {}\nprefix = {}\n\n\
              [passwords]\nmemory_kib = {}\niterations = {}\nparallelism = {}\n\
              max_concurrent = {}\nqueue_timeout = {}\nmax_queue = {}\n\n\
@@ -615,11 +648,6 @@ impl GatewayOpts {
             q(&store_url),
             q(&c.store.prefix),
             ms(c.store.timeout),
-            q(&format!("{:?}", t.algorithm)),
-            q(&t.issuer),
-            ms(t.access_ttl),
-            ms(t.refresh_ttl),
-            ms(t.leeway),
             q(c.identity.user_header.as_str()),
             q(&c.identity.prefix),
             p.memory_kib,
@@ -647,6 +675,36 @@ impl GatewayOpts {
             ));
         }
         out
+    }
+}
+
+/// A test key under `tests/keys` (see its README).
+pub fn key_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
+}
+
+/// Makes `tokens` sign with the PEM private key `name` (RS256, ES256 or EdDSA) under `kid`.
+pub fn sign_with(tokens: &mut TokenConfig, alg: jsonwebtoken::Algorithm, name: &str, kid: &str) {
+    let path = key_path(name);
+    tokens.algorithm = alg;
+    tokens.private_key = Secret::from(std::fs::read(&path).unwrap());
+    tokens.private_key_file = Some(path);
+    tokens.secret = Secret::default();
+    tokens.secret_file = None;
+    tokens.kid = kid.into();
+}
+
+/// A previous key that still verifies: the PEM public key `name` under `kid`.
+pub fn previous_pem(alg: jsonwebtoken::Algorithm, name: &str, kid: &str) -> PreviousKey {
+    let path = key_path(name);
+    PreviousKey {
+        kid: kid.into(),
+        algorithm: Some(alg),
+        public_key: std::fs::read(&path).unwrap(),
+        public_key_file: Some(path),
+        ..PreviousKey::default()
     }
 }
 
