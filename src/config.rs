@@ -755,10 +755,10 @@ impl Reader<'_> {
                     ("tokens.private_key_file".to_owned(), pem)
                 })
         };
-        if let Some((key, material)) = material {
-            if let Err(message) = keys::load(&t.kid, alg, material) {
-                self.error_key(&key, message);
-            }
+        if let Some((key, material)) = material
+            && let Err(message) = keys::load(&t.kid, alg, material)
+        {
+            self.error_key(&key, message);
         }
         let mut kids = vec![t.kid.clone()];
         for (i, p) in t.previous_keys.iter_mut().enumerate() {
