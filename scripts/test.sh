@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every check CI runs: fmt, clippy, all tests.
-# The integration tests start a real redis-server; they fail (never skip) without one.
+# The integration tests start a real redis-server (and run PyJWT); they fail, never skip,
+# without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> installing redis-server (Debian package)"
+# Debian packages the integration tests use: redis-server, and PyJWT (tests/keys.rs checks
+# that a standard JWT library verifies keycard's tokens against its JWKS).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+/usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 ||
+  missing+=(python3 python3-jwt python3-cryptography)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]} (Debian packages)"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 redis-server --version
+/usr/bin/python3 -c 'import jwt; print("PyJWT", jwt.__version__)'
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
