@@ -116,7 +116,7 @@ fn check_issued(data: &[u8], text: &str) {
     let raw: String = text.chars().take(100).collect();
     if !keycard::auth::is_valid_username(&raw) {
         for ty in TYPES {
-            let (token, _) = tokens().issue(&raw, ty).expect("issue failed");
+            let (token, _) = tokens().issue(&raw, &[], ty).expect("issue failed");
             assert!(tokens().verify(&token, ty).is_err(), "accepted sub {raw:?}");
         }
     }
@@ -137,7 +137,7 @@ fn check_issued(data: &[u8], text: &str) {
         h.wrapping_mul(31).wrapping_add(usize::from(b))
     });
     for (ty, other) in [(TYPES[0], TYPES[1]), (TYPES[1], TYPES[0])] {
-        let (token, issued) = tokens().issue(&sub, ty).expect("issue failed");
+        let (token, issued) = tokens().issue(&sub, &[], ty).expect("issue failed");
         let claims = tokens().verify(&token, ty).expect("own token rejected");
         assert_eq!(
             (claims.sub.as_str(), claims.jti.as_str()),
@@ -215,9 +215,7 @@ fn route(path: &str, auth: AuthMode, strip_prefix: bool, base_path: &str) -> Rou
         },
         auth,
         strip_prefix,
-        forward_token: false,
-        connect_timeout: Duration::from_secs(5),
-        timeout: Duration::from_secs(60),
+        ..RouteConfig::default()
     }
 }
 
@@ -414,7 +412,7 @@ pub fn check_config_parse(data: &[u8]) {
     let tokens = Tokens::new(t);
     for ty in TYPES {
         let (token, _) = tokens
-            .issue("alice", ty)
+            .issue("alice", &[], ty)
             .expect("issue with an accepted config");
         tokens
             .verify(&token, ty)

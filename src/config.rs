@@ -53,6 +53,8 @@ pub struct Config {
     pub passwords: PasswordConfig,
     /// Brute-force protection for `/login`.
     pub throttle: ThrottleConfig,
+    /// Who may create users through `/register`.
+    pub registration: RegistrationConfig,
     /// Routes in file order; the router sorts them for matching.
     pub routes: Vec<RouteConfig>,
 }
@@ -286,6 +288,10 @@ pub struct IdentityConfig {
     /// folded name starts with it is removed.
     #[serde(deserialize_with = "identity_prefix")]
     pub prefix: String,
+    /// `[identity.claims]`: token claims sent upstream, claim name → header name (for
+    /// example `roles = "X-Auth-Roles"`). Arrays become comma-separated values.
+    #[serde(deserialize_with = "claim_headers")]
+    pub claims: Vec<(String, HeaderName)>,
 }
 
 impl Default for IdentityConfig {
@@ -293,6 +299,7 @@ impl Default for IdentityConfig {
         IdentityConfig {
             user_header: HeaderName::from_static("x-auth-user"),
             prefix: "x-auth-".to_owned(),
+            claims: Vec::new(),
         }
     }
 }
@@ -366,6 +373,27 @@ impl Default for ThrottleConfig {
     }
 }
 
+/// `[registration]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// `registration.enabled`: false answers `/register` with 403, so only operators create
+    /// users (`keycard user add`).
+    pub enabled: bool,
+    /// `registration.default_roles`: the roles of self-registered users.
+    #[serde(deserialize_with = "roles")]
+    pub default_roles: Vec<String>,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            enabled: true,
+            default_roles: Vec::new(),
+        }
+    }
+}
+
 /// Whether a route needs a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -373,6 +401,9 @@ pub enum AuthMode {
     Required,
     /// Forwarded without a token; identity headers are still stripped.
     Public,
+    /// No token: forwarded with no identity. A valid token: its identity is injected. An
+    /// invalid one: 401 (Flask-JWT-Extended's `optional=True`).
+    Optional,
 }
 
 /// One `[[routes]]` entry.
@@ -389,6 +420,9 @@ pub struct RouteConfig {
     /// `auth`.
     #[serde(deserialize_with = "parsed")]
     pub auth: AuthMode,
+    /// `roles`: with `auth = "required"`, the token must carry one of them, else 403.
+    #[serde(deserialize_with = "roles")]
+    pub roles: Vec<String>,
     /// `strip_prefix`: remove `path` before forwarding.
     pub strip_prefix: bool,
     /// `forward_token`: pass the client's `Authorization` upstream.
@@ -411,6 +445,7 @@ impl Default for RouteConfig {
                 base_path: String::new(),
             },
             auth: AuthMode::Required,
+            roles: Vec::new(),
             strip_prefix: false,
             forward_token: false,
             connect_timeout: Duration::from_secs(5),
@@ -706,6 +741,12 @@ impl Reader<'_> {
             Some(_) if self.has_error("routes") => {}
             Some(span) if c.routes.is_empty() => self.error("routes", Some(span), required),
             Some(_) => {}
+        }
+        for (i, route) in c.routes.iter().enumerate() {
+            if !route.roles.is_empty() && route.auth != AuthMode::Required {
+                let message = "roles need auth = \"required\"".to_owned();
+                self.error_key(&format!("routes[{i}].roles"), message);
+            }
         }
         let mut i = 0;
         while self.value_span(&format!("routes[{i}]")).is_some() {
@@ -1273,6 +1314,52 @@ fn non_empty_some<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::
     non_empty(d).map(Some)
 }
 
+/// A role name: 1–64 characters of `A-Z a-z 0-9 . _ : -`, so that a list of them is a plain
+/// comma-separated header value.
+pub fn is_valid_role(role: &str) -> bool {
+    (1..=64).contains(&role.len())
+        && role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b))
+}
+
+struct Role(String);
+
+impl Parse for Role {
+    fn parse(s: &str) -> Result<Self, String> {
+        if is_valid_role(s) {
+            Ok(Role(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is not a role name (1 to 64 of A-Z a-z 0-9 . _ : -)"
+            ))
+        }
+    }
+}
+
+fn roles<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(list(d)?.into_iter().map(|Role(r)| r).collect())
+}
+
+/// The claims `[identity.claims]` may send upstream: those keycard's own tokens carry.
+const MAPPABLE_CLAIMS: &[&str] = &["sub", "roles", "iss", "aud", "jti"];
+
+fn claim_headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, HeaderName)>, D::Error> {
+    let map = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    map.into_iter()
+        .map(|(claim, header)| {
+            if !MAPPABLE_CLAIMS.contains(&claim.as_str()) {
+                let known = MAPPABLE_CLAIMS.join(", ");
+                return Err(D::Error::custom(format!(
+                    "{claim:?}: claims that can be sent are {known}"
+                )));
+            }
+            let name = <HeaderName as Parse>::parse(&header).map_err(D::Error::custom)?;
+            Ok((claim, name))
+        })
+        .collect()
+}
+
 /// HS256, HS384, HS512: signed with a shared secret.
 pub fn is_hmac(alg: jsonwebtoken::Algorithm) -> bool {
     use jsonwebtoken::Algorithm::{HS256, HS384, HS512};
@@ -1428,13 +1515,16 @@ fn port_is_valid(uri: &http::Uri) -> bool {
     }
 }
 
-/// Only the two words: serde's enum forms (`auth = { public = [] }`) would be accepted too.
+/// Only the words: serde's enum forms (`auth = { public = [] }`) would be accepted too.
 impl Parse for AuthMode {
     fn parse(s: &str) -> Result<Self, String> {
         match s {
             "required" => Ok(AuthMode::Required),
             "public" => Ok(AuthMode::Public),
-            other => Err(format!("must be \"required\" or \"public\", got {other:?}")),
+            "optional" => Ok(AuthMode::Optional),
+            other => Err(format!(
+                "must be \"required\", \"public\" or \"optional\", got {other:?}"
+            )),
         }
     }
 }

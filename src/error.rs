@@ -26,6 +26,9 @@ pub enum RequestError {
     /// The token's `jti` is in the store's revocation list.
     #[error("Token has been revoked")]
     Revoked,
+    /// Authenticated, but not allowed: the route's roles, or self-registration turned off.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The store did not answer (or not in time); we fail closed.
     #[error("Authentication store unavailable")]
     StoreUnavailable(#[source] crate::auth::store::StoreError),
@@ -112,6 +115,7 @@ impl RequestError {
             InvalidPath | BadRequest(_) | BrokenBody => StatusCode::BAD_REQUEST,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UserExists => StatusCode::CONFLICT,
+            Forbidden(_) => StatusCode::FORBIDDEN,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UriTooLong => StatusCode::URI_TOO_LONG,

@@ -263,7 +263,6 @@ pub fn upstream_path(route: &RouteConfig, path: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::{AuthMode, Upstream};
-    use std::time::Duration;
 
     fn route(path: &str, auth: AuthMode) -> RouteConfig {
         route_with(path, auth, false, "")
@@ -279,9 +278,7 @@ mod tests {
             },
             auth,
             strip_prefix,
-            forward_token: false,
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(60),
+            ..RouteConfig::default()
         }
     }
 

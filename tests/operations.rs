@@ -402,7 +402,7 @@ fn config_rejects_bad_algorithm_and_route_values() {
         ),
         (
             "algorithm = \"HS256\"",
-            "algorithm = \"RS256\"",
+            "algorithm = \"PS256\"",
             "tokens.algorithm",
         ),
         ("auth = \"required\"", "auth = \"maybe\"", "auth"),

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::store::Store;
-use super::store::{Attempt, Reservation, Subject};
+use super::store::{Attempt, Reservation, Subject, UserRecord};
 use super::token::{IssuedPair, TokenType};
 use super::{Auth, verify_bearer};
 use crate::body::{self, Body};
@@ -119,6 +119,11 @@ impl Auth {
                 Ok((response, None))
             }
             Endpoint::Register => {
+                let registration = &policy.config.registration;
+                if !registration.enabled {
+                    return Err(RequestError::Forbidden("Registration is disabled"));
+                }
+                let roles = registration.default_roles.clone();
                 let creds =
                     read_credentials(request, limits.max_auth_body, limits.body_read_timeout)
                         .await?;
@@ -130,7 +135,9 @@ impl Auth {
                 let created = decide(async move {
                     let (_, reservation) = begin(&store, subjects, None).await?;
                     let phc = passwords.hash(&creds.password).await?;
-                    let created = store.create_user(&username, &phc).await?;
+                    let created = store
+                        .create_user(&username, &UserRecord { phc, roles })
+                        .await?;
                     reservation.end(created).await?;
                     Ok(created)
                 })
@@ -159,22 +166,24 @@ impl Auth {
                 ];
                 let (passwords, store) = (self.passwords.clone(), self.store.clone());
                 let (username, password) = (creds.username.clone(), creds.password);
-                let valid = decide(async move {
+                let user = decide(async move {
                     // Checked before the password: while a throttle is active even the right
                     // password gets 429, or the throttle would be an oracle for guesses.
-                    let (hash, reservation) = begin(&store, subjects, Some(&username)).await?;
+                    let (stored, reservation) = begin(&store, subjects, Some(&username)).await?;
+                    let user = stored.as_deref().and_then(UserRecord::decode);
                     // An unknown user is verified against a dummy hash: the same work, the
                     // same answer and the same count as a wrong password, so neither timing
                     // nor throttling reveals which names exist.
-                    let valid = passwords.verify(&password, hash.as_deref()).await?;
+                    let phc = user.as_ref().map(|u| u.phc.as_str());
+                    let valid = passwords.verify(&password, phc).await?;
                     reservation.end(valid).await?;
-                    Ok(valid)
+                    Ok(user.filter(|_| valid))
                 })
                 .await?;
-                if !valid {
+                let Some(user) = user else {
                     return Err(RequestError::BadCredentials);
-                }
-                let pair = tokens.issue_pair(&creds.username)?;
+                };
+                let pair = tokens.issue_pair(&creds.username, &user.roles)?;
                 Ok((token_response(&pair), Some(creds.username)))
             }
             Endpoint::Logout => {
@@ -200,7 +209,14 @@ impl Auth {
                 {
                     return Err(RequestError::Revoked);
                 }
-                let pair = tokens.issue_pair(&claims.sub)?;
+                // The roles as stored now, so a role change applies at the next refresh; a
+                // deleted user gets no new tokens.
+                let user = self
+                    .store
+                    .get_user(&claims.sub)
+                    .await?
+                    .ok_or(RequestError::InvalidToken("User not found"))?;
+                let pair = tokens.issue_pair(&claims.sub, &user.roles)?;
                 Ok((token_response(&pair), Some(claims.sub)))
             }
         }

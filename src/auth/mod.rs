@@ -66,11 +66,15 @@ impl Identity {
         rules: &IdentityHeaders,
         headers: &mut HeaderMap,
     ) -> Result<(), RequestError> {
-        match self.user() {
-            Some(user) => rules
-                .inject(headers, user)
-                .map_err(|e| RequestError::Internal(format!("identity header: {e}"))),
-            None => Ok(()),
+        match self {
+            Identity::User(claims) => {
+                rules
+                    .inject(headers, &claims.sub)
+                    .map_err(|e| RequestError::Internal(format!("identity header: {e}")))?;
+                rules.inject_claims(headers, claims);
+                Ok(())
+            }
+            Identity::Anonymous => Ok(()),
         }
     }
 }
@@ -86,20 +90,31 @@ impl Auth {
 
     /// Decides who may pass `route`: the one place that says "who is this, and may they pass",
     /// for the proxy path (and, later, a forward-auth endpoint). Public routes pass anyone
-    /// as [`Identity::Anonymous`]; required ones need a valid, unrevoked access token.
+    /// as [`Identity::Anonymous`]; required ones need a valid, unrevoked access token with
+    /// one of the route's roles (if it names any: else 403); optional ones pass without a
+    /// token, and check one that is presented like required ones.
     pub async fn authorize(
         &self,
         policy: &Policy,
         route: &Route,
         headers: &HeaderMap,
     ) -> Result<Identity, RequestError> {
-        match route.policy {
-            AuthMode::Public => Ok(Identity::Anonymous),
-            AuthMode::Required => Ok(Identity::User(
+        let claims = match route.policy {
+            AuthMode::Public => return Ok(Identity::Anonymous),
+            AuthMode::Optional if !headers.contains_key(header::AUTHORIZATION) => {
+                return Ok(Identity::Anonymous);
+            }
+            AuthMode::Optional | AuthMode::Required => {
                 self.authenticate(&policy.tokens, headers, TokenType::Access)
-                    .await?,
-            )),
+                    .await?
+            }
+        };
+        // Any one of the route's roles; checked after revocation, so a revoked token is 401.
+        let roles = &route.config.roles;
+        if !roles.is_empty() && !claims.roles.iter().any(|r| roles.contains(r)) {
+            return Err(RequestError::Forbidden("Forbidden"));
         }
+        Ok(Identity::User(claims))
     }
 
     /// Verifies the bearer token in `headers` and checks it is not revoked: the whole
@@ -219,18 +234,25 @@ impl SessionWatch {
         let Some(route) = policy.routes.find(&self.path) else {
             return Some("route removed");
         };
+        let Some(token) = &self.token else {
+            return match route.policy {
+                AuthMode::Public | AuthMode::Optional => None,
+                AuthMode::Required => Some("route now requires a token"),
+            };
+        };
         if route.policy == AuthMode::Public {
             return None;
         }
-        let Some(token) = &self.token else {
-            return Some("route now requires a token");
-        };
         let claims = match policy.tokens.verify(token, TokenType::Access) {
             Ok(claims) => claims,
             Err(token::TokenError::Expired) => return Some("token expired"),
             Err(_) => return Some("token no longer valid"),
         };
         self.ends_at = Some(policy.tokens.accepted_until(&claims));
+        let roles = &route.config.roles;
+        if !roles.is_empty() && !claims.roles.iter().any(|r| roles.contains(r)) {
+            return Some("token lacks the route's roles");
+        }
         match self.store.is_revoked(&claims.jti).await {
             Ok(false) => None,
             Ok(true) => Some("token revoked"),

@@ -6,7 +6,8 @@
 //! Redis turns into a quick 503 instead of a hung request.
 //!
 //! Key layout (all under `store.prefix`, default `keycard:`):
-//! - `<prefix>user:<username>` — string, the argon2id PHC hash; written with `SET NX`.
+//! - `<prefix>user:<username>` — string, JSON `{"phc": argon2id PHC hash, "roles": [...]}`
+//!   (a bare PHC string, the older form, reads as no roles); written with `SET NX`.
 //! - `<prefix>revoked:<jti>` — string `1`, expiring when the token would have.
 //! - `<prefix>throttle:user:<username>` and `<prefix>throttle:addr:<ip>` — failed-attempt
 //!   counters (`INCR`), expiring at the end of their window.
@@ -203,6 +204,38 @@ pub struct Store {
     backend: Backend,
     prefix: Arc<str>,
     timeout: Duration,
+}
+
+/// A stored user: the password hash and the roles tokens will carry.
+///
+/// Stored as JSON (`{"phc":"$argon2id$...","roles":["admin"]}`). A bare PHC string, what
+/// keycard stored before users had roles, still reads as a user with no roles.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserRecord {
+    /// The argon2id PHC string.
+    pub phc: String,
+    /// Role names, in the order given.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl UserRecord {
+    /// The stored form.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads either stored form; `None` for anything else.
+    pub fn decode(value: &str) -> Option<UserRecord> {
+        if value.starts_with('{') {
+            serde_json::from_str(value).ok()
+        } else {
+            Some(UserRecord {
+                phc: value.to_owned(),
+                roles: Vec::new(),
+            })
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -435,9 +468,20 @@ impl Store {
         }
     }
 
-    /// Creates a user with its password hash; false when the name is taken.
-    pub async fn create_user(&self, username: &str, phc: &str) -> Result<bool, StoreError> {
-        self.set_nx(&self.key("user:", username), phc, None).await
+    /// Creates a user; false when the name is taken.
+    pub async fn create_user(&self, username: &str, user: &UserRecord) -> Result<bool, StoreError> {
+        self.set_nx(&self.key("user:", username), &user.encode(), None)
+            .await
+    }
+
+    /// The user `username`, if there is one.
+    pub async fn get_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let key = self.key("user:", username);
+        let value: Option<String> = match &self.backend {
+            Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
+            Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
+        };
+        Ok(value.as_deref().and_then(UserRecord::decode))
     }
 
     /// Revokes a `jti` for `ttl` (the token's remaining life). Returns false when it was
@@ -615,11 +659,34 @@ mod tests {
     #[tokio::test]
     async fn memory_create_user_is_first_writer_wins() {
         let store = memory();
-        assert!(store.create_user("alice", "h1").await.unwrap());
-        assert!(!store.create_user("alice", "h2").await.unwrap());
+        assert!(
+            store
+                .create_user(
+                    "alice",
+                    &UserRecord {
+                        phc: "h1".into(),
+                        roles: vec![]
+                    }
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .create_user(
+                    "alice",
+                    &UserRecord {
+                        phc: "h2".into(),
+                        roles: vec![]
+                    }
+                )
+                .await
+                .unwrap()
+        );
         let w = Duration::from_secs(60);
         let (hash, r) = go(attempt(&store, "alice", "a", 5, w).await);
-        assert_eq!(hash.as_deref(), Some("h1"));
+        let phc = hash.as_deref().and_then(UserRecord::decode).map(|u| u.phc);
+        assert_eq!(phc.as_deref(), Some("h1"));
         r.end(true).await.unwrap();
         let (hash, r) = go(attempt(&store, "bob", "a", 5, w).await);
         assert_eq!(hash, None);

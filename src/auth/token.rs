@@ -71,6 +71,9 @@ pub struct Claims {
     /// `tokens.audience`, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// The user's roles when the token was issued; routes may require one of them.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// The claims as they arrive, before we know they are all there.
@@ -87,6 +90,8 @@ struct RawClaims {
     iss: Option<String>,
     #[serde(rename = "type")]
     token_type: Option<TokenType>,
+    #[serde(default)]
+    roles: Vec<String>,
 }
 
 /// Why a token was not accepted (or could not be made).
@@ -237,7 +242,12 @@ impl Tokens {
 
     /// Signs a new token for `sub` of the given type; returns the token and its claims (the
     /// caller may need `jti`/`exp`, e.g. for logging, without decoding its own token).
-    pub fn issue(&self, sub: &str, token_type: TokenType) -> Result<(String, Claims), TokenError> {
+    pub fn issue(
+        &self,
+        sub: &str,
+        roles: &[String],
+        token_type: TokenType,
+    ) -> Result<(String, Claims), TokenError> {
         let now =
             now_secs().ok_or_else(|| TokenError::Signing("system clock is before 1970".into()))?;
         let ttl = match token_type {
@@ -253,6 +263,7 @@ impl Tokens {
             iss: self.issuer.clone(),
             token_type,
             aud: self.audience.clone(),
+            roles: roles.to_vec(),
         };
         let key = self
             .signing
@@ -264,9 +275,9 @@ impl Tokens {
     }
 
     /// Issues the access + refresh pair that `/login` and `/refresh` return.
-    pub fn issue_pair(&self, sub: &str) -> Result<IssuedPair, TokenError> {
-        let (access_token, _) = self.issue(sub, TokenType::Access)?;
-        let (refresh_token, _) = self.issue(sub, TokenType::Refresh)?;
+    pub fn issue_pair(&self, sub: &str, roles: &[String]) -> Result<IssuedPair, TokenError> {
+        let (access_token, _) = self.issue(sub, roles, TokenType::Access)?;
+        let (refresh_token, _) = self.issue(sub, roles, TokenType::Refresh)?;
         Ok(IssuedPair {
             access_token,
             refresh_token,
@@ -312,6 +323,10 @@ impl Tokens {
         }
 
         let raw = data.claims;
+        // Roles become a header value and are compared with route rules: only plain names.
+        if !raw.roles.iter().all(|r| crate::config::is_valid_role(r)) {
+            return Err(TokenError::Invalid("Invalid roles"));
+        }
         let (Some(sub), Some(iat), Some(nbf), Some(exp), Some(jti), Some(iss), Some(token_type)) = (
             raw.sub,
             raw.iat,
@@ -364,6 +379,7 @@ impl Tokens {
             iss,
             token_type,
             aud: self.audience.clone(),
+            roles: raw.roles,
         })
     }
 }
@@ -486,7 +502,7 @@ mod tests {
     fn roundtrip_access_and_refresh() {
         let t = tokens();
         for ty in [TokenType::Access, TokenType::Refresh] {
-            let (token, issued) = t.issue("alice", ty).unwrap();
+            let (token, issued) = t.issue("alice", &[], ty).unwrap();
             let claims = t.verify(&token, ty).unwrap();
             assert_eq!(claims.sub, "alice");
             assert_eq!(claims.jti, issued.jti);
@@ -500,7 +516,7 @@ mod tests {
             };
             assert_eq!(claims.exp, claims.iat + ttl);
         }
-        let pair = t.issue_pair("bob").unwrap();
+        let pair = t.issue_pair("bob", &[]).unwrap();
         assert_eq!(pair.expires_in, 900);
         assert_eq!(
             t.verify(&pair.access_token, TokenType::Access).unwrap().sub,
@@ -519,7 +535,7 @@ mod tests {
         let t = tokens();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            let (_, claims) = t.issue("alice", TokenType::Access).unwrap();
+            let (_, claims) = t.issue("alice", &[], TokenType::Access).unwrap();
             assert_eq!(claims.jti.len(), 32);
             assert!(
                 claims
@@ -562,7 +578,7 @@ mod tests {
     #[test]
     fn tampered_payload_is_rejected() {
         let t = tokens();
-        let (token, _) = t.issue("alice", TokenType::Access).unwrap();
+        let (token, _) = t.issue("alice", &[], TokenType::Access).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
         let mut claims = claims_json("access");
         claims["sub"] = json!("admin");
@@ -736,12 +752,12 @@ mod tests {
     #[test]
     fn wrong_type_is_rejected() {
         let t = tokens();
-        let (refresh, _) = t.issue("alice", TokenType::Refresh).unwrap();
+        let (refresh, _) = t.issue("alice", &[], TokenType::Refresh).unwrap();
         assert_eq!(
             invalid(t.verify(&refresh, TokenType::Access)),
             "Only access tokens are allowed"
         );
-        let (access, _) = t.issue("alice", TokenType::Access).unwrap();
+        let (access, _) = t.issue("alice", &[], TokenType::Access).unwrap();
         assert_eq!(
             invalid(t.verify(&access, TokenType::Refresh)),
             "Only refresh tokens are allowed"
@@ -797,7 +813,7 @@ mod tests {
     #[test]
     fn remaining_is_time_to_exp_at_least_one_second() {
         let t = tokens();
-        let (_, claims) = t.issue("alice", TokenType::Access).unwrap();
+        let (_, claims) = t.issue("alice", &[], TokenType::Access).unwrap();
         let left = remaining(&claims);
         assert!(left <= Duration::from_secs(900) && left >= Duration::from_secs(898));
         let mut past = claims.clone();
@@ -830,7 +846,7 @@ mod revocation_tests {
             ..TokenConfig::default()
         };
         let tokens = Tokens::new(&config);
-        let (_, claims) = tokens.issue("alice", TokenType::Access).unwrap();
+        let (_, claims) = tokens.issue("alice", &[], TokenType::Access).unwrap();
         let ttl = tokens.revocation_ttl(&claims);
         assert!(
             ttl >= Duration::from_secs(629) && ttl <= Duration::from_secs(630),

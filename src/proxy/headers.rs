@@ -236,7 +236,13 @@ pub struct IdentityHeaders {
     user_folded: Vec<u8>,
     /// `identity.prefix`, folded; empty disables the prefix rule (it would match everything).
     prefix_folded: Vec<u8>,
+    /// `[identity.claims]`: claim → header, with each header folded for the strip rule.
+    claims: Vec<(String, HeaderName, Vec<u8>)>,
 }
+
+/// The longest claim header written; a longer value (hundreds of roles) is left out, and
+/// logged, rather than risk the upstream's header limit.
+const MAX_CLAIM_HEADER_BYTES: usize = 4096;
 
 impl IdentityHeaders {
     /// Compiles the rules from the validated config.
@@ -249,6 +255,9 @@ impl IdentityHeaders {
             user_header: config.user_header.clone(),
             user_folded: fold_str(config.user_header.as_str()),
             prefix_folded: fold_str(&config.prefix),
+            claims: (config.claims.iter())
+                .map(|(claim, name)| (claim.clone(), name.clone(), fold_str(name.as_str())))
+                .collect(),
         }
     }
 
@@ -260,8 +269,10 @@ impl IdentityHeaders {
     /// header.
     pub fn is_identity(&self, name: &HeaderName) -> bool {
         let name = name.as_str().as_bytes();
+        let equals = |folded: &[u8]| name.len() == folded.len() && folded_starts_with(name, folded);
         (!self.prefix_folded.is_empty() && folded_starts_with(name, &self.prefix_folded))
-            || (name.len() == self.user_folded.len() && folded_starts_with(name, &self.user_folded))
+            || equals(&self.user_folded)
+            || self.claims.iter().any(|(_, _, folded)| equals(folded))
     }
 
     /// Removes every identity header (all values, every spelling) from a client request.
@@ -294,6 +305,33 @@ impl IdentityHeaders {
         let value = HeaderValue::from_str(user).map_err(|_| InvalidIdentity)?;
         headers.insert(self.user_header.clone(), value);
         Ok(())
+    }
+
+    /// Writes the `[identity.claims]` headers from a verified token, replacing any value.
+    /// Arrays (`roles`) are comma-separated; an empty claim writes no header, and a value
+    /// that is too long or not a valid header value is left out (and logged).
+    pub fn inject_claims(&self, headers: &mut HeaderMap, claims: &crate::auth::token::Claims) {
+        for (claim, name, _) in &self.claims {
+            let value = match claim.as_str() {
+                "sub" => claims.sub.clone(),
+                "roles" => claims.roles.join(","),
+                "iss" => claims.iss.clone(),
+                "aud" => claims.aud.clone().unwrap_or_default(),
+                "jti" => claims.jti.clone(),
+                _ => continue,
+            };
+            if value.is_empty() {
+                continue;
+            }
+            match HeaderValue::from_str(&value) {
+                Ok(v) if value.len() <= MAX_CLAIM_HEADER_BYTES => {
+                    headers.insert(name.clone(), v);
+                }
+                _ => {
+                    tracing::warn!(%claim, header = %name, len = value.len(), "claim left out: too long or not a header value")
+                }
+            }
+        }
     }
 }
 
@@ -457,6 +495,7 @@ mod tests {
         IdentityHeaders::new(&IdentityConfig {
             user_header: HeaderName::from_static("x-auth-user"),
             prefix: "x-auth-".to_string(),
+            claims: Vec::new(),
         })
     }
 
@@ -621,6 +660,7 @@ mod tests {
         let id = IdentityHeaders::new(&IdentityConfig {
             user_header: HeaderName::from_static("remote_user"),
             prefix: "x-auth-".to_string(),
+            claims: Vec::new(),
         });
         for name in ["remote-user", "REMOTE_USER", "remote.user", "x-auth-user"] {
             let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
@@ -637,6 +677,7 @@ mod tests {
         let id = IdentityHeaders::new(&IdentityConfig {
             user_header: HeaderName::from_static("x-auth-user"),
             prefix: "X_Auth.".to_string(),
+            claims: Vec::new(),
         });
         assert!(id.is_identity(&HeaderName::from_static("x-auth-role")));
     }
@@ -646,6 +687,7 @@ mod tests {
         let id = IdentityHeaders::new(&IdentityConfig {
             user_header: HeaderName::from_static("x-auth-user"),
             prefix: String::new(),
+            claims: Vec::new(),
         });
         assert!(id.is_identity(&HeaderName::from_static("x_auth_user")));
         assert!(!id.is_identity(&HeaderName::from_static("accept")));

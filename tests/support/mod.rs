@@ -484,6 +484,7 @@ pub fn route(path: &str, upstream: &str, auth: &str) -> RouteConfig {
         auth: match auth {
             "public" => AuthMode::Public,
             "required" => AuthMode::Required,
+            "optional" => AuthMode::Optional,
             other => panic!("auth {other:?}"),
         },
         ..RouteConfig::default()
@@ -587,6 +588,13 @@ impl GatewayOpts {
             }
         };
         let path = |p: &std::path::Path| q(&p.display().to_string());
+        let mut identity_claims = String::new();
+        if !c.identity.claims.is_empty() {
+            identity_claims.push_str("[identity.claims]\n");
+            for (claim, header) in &c.identity.claims {
+                identity_claims.push_str(&format!("{claim} = {}\n", q(header.as_str())));
+            }
+        }
         let mut tokens = format!(
             "[tokens]\nalgorithm = {}\nkid = {}\nissuer = {}\naccess_ttl = {}\nrefresh_ttl = {}\n\
              leeway = {}\n{}",
@@ -626,7 +634,8 @@ impl GatewayOpts {
              h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
              [store]\nurl = {}\nprefix = {}\ntimeout = {}\n\n\
              {tokens}\n\
-             [identity]\nuser_header = {}\nprefix = {}\n\n\
+             [identity]\nuser_header = {}\nprefix = {}\n{identity_claims}\n\
+             [registration]\nenabled = {}\ndefault_roles = {}\n\n\
              [passwords]\nmemory_kib = {}\niterations = {}\nparallelism = {}\n\
              max_concurrent = {}\nqueue_timeout = {}\nmax_queue = {}\n\n\
              [throttle]\nuser_limit = {}\nuser_window = {}\naddress_limit = {}\n\
@@ -650,6 +659,8 @@ impl GatewayOpts {
             ms(c.store.timeout),
             q(c.identity.user_header.as_str()),
             q(&c.identity.prefix),
+            c.registration.enabled,
+            list(c.registration.default_roles.clone()),
             p.memory_kib,
             p.iterations,
             p.parallelism,
@@ -663,11 +674,12 @@ impl GatewayOpts {
         );
         for r in &c.routes {
             out.push_str(&format!(
-                "\n[[routes]]\npath = {}\nupstream = {}\nauth = {}\nstrip_prefix = {}\n\
+                "\n[[routes]]\npath = {}\nupstream = {}\nauth = {}\nroles = {}\nstrip_prefix = {}\n\
                  forward_token = {}\nconnect_timeout = {}\ntimeout = {}\n",
                 q(&r.path),
                 q(&r.upstream.to_string()),
                 q(&format!("{:?}", r.auth).to_lowercase()),
+                list(r.roles.clone()),
                 r.strip_prefix,
                 r.forward_token,
                 ms(r.connect_timeout),
