@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::store::Store;
 use super::store::{Attempt, Reservation, Subject, UserRecord};
-use super::token::{IssuedPair, TokenType};
+use super::token::{IssuedPair, Session, TokenType};
 use super::{Auth, verify_bearer};
 use crate::body::{self, Body};
 use crate::config::ThrottleConfig;
@@ -183,16 +183,39 @@ impl Auth {
                 let Some(user) = user else {
                     return Err(RequestError::BadCredentials);
                 };
-                let pair = tokens.issue_pair(&creds.username, &user.roles)?;
+                let session = Session {
+                    generation: self.store.generation(&creds.username).await?,
+                    family: String::new(),
+                };
+                let pair = tokens.issue_pair(&creds.username, &user.roles, &session)?;
                 Ok((token_response(&pair), Some(creds.username)))
             }
             Endpoint::Logout => {
+                let all = request
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "all=true"));
                 let claims = self
                     .authenticate(tokens, request.headers(), TokenType::Access)
                     .await?;
+                // A refresh token named in the body (`{"refresh_token": ...}`) goes too, so
+                // the client cannot silently mint new access tokens after logging out.
+                let refresh = read_refresh_token(request, limits).await?;
+                if let Some(refresh) = refresh {
+                    let refresh = tokens.verify(&refresh, TokenType::Refresh)?;
+                    if refresh.sub != claims.sub {
+                        return Err(RequestError::InvalidToken("Refresh token of another user"));
+                    }
+                    self.store
+                        .revoke(&refresh.jti, tokens.revocation_ttl(&refresh))
+                        .await?;
+                }
                 self.store
                     .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?;
+                if all {
+                    self.store.end_all_sessions(&claims.sub).await?;
+                }
                 Ok((
                     body::json_msg(StatusCode::OK, "Token revoked"),
                     Some(claims.sub),
@@ -201,12 +224,21 @@ impl Auth {
             Endpoint::Refresh => {
                 let claims = verify_bearer(tokens, request.headers(), TokenType::Refresh)?;
                 // Revoking with SET NX both checks and rotates in one round trip: of two
-                // racing uses of one refresh token, exactly one gets a new pair.
+                // racing uses of one refresh token, exactly one gets a new pair. A refresh
+                // token already rotated and used again was stolen or replayed: its whole
+                // family goes (RFC 9700 §4.14), the thief's tokens and the user's alike.
                 if !self
                     .store
                     .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?
                 {
+                    self.store
+                        .revoke_family(&claims.family, tokens.family_ttl())
+                        .await?;
+                    return Err(RequestError::Revoked);
+                }
+                let (sub, generation, family) = (&claims.sub, claims.generation, &claims.family);
+                if self.store.is_revoked(None, sub, generation, family).await? {
                     return Err(RequestError::Revoked);
                 }
                 // The roles as stored now, so a role change applies at the next refresh; a
@@ -216,7 +248,11 @@ impl Auth {
                     .get_user(&claims.sub)
                     .await?
                     .ok_or(RequestError::InvalidToken("User not found"))?;
-                let pair = tokens.issue_pair(&claims.sub, &user.roles)?;
+                let session = Session {
+                    generation: self.store.generation(&claims.sub).await?,
+                    family: claims.family.clone(),
+                };
+                let pair = tokens.issue_pair(&claims.sub, &user.roles, &session)?;
                 Ok((token_response(&pair), Some(claims.sub)))
             }
         }
@@ -356,6 +392,28 @@ async fn read_credentials(
         username: validate_username(&username)?,
         password: validate_password(password)?,
     })
+}
+
+/// `refresh_token` from a `/logout` body, if there is one: a JSON object is read only when
+/// the request says it sends one, with the auth-body limits.
+async fn read_refresh_token(
+    request: Request<Incoming>,
+    limits: &crate::policy::Limits,
+) -> Result<Option<String>, RequestError> {
+    if !matches!(format(request.headers()), Ok(Format::Json)) {
+        return Ok(None);
+    }
+    let bytes = read_body(request, limits.max_auth_body, limits.body_read_timeout).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| bad("Malformed JSON body"))?;
+    match value.get("refresh_token") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(token)) => Ok(Some(token.clone())),
+        Some(_) => Err(bad("Field 'refresh_token' must be a string")),
+    }
 }
 
 fn bad(msg: &str) -> RequestError {

@@ -128,7 +128,12 @@ impl Auth {
         let claims = verify_bearer(tokens, headers, expected)?;
         if self
             .store
-            .is_revoked(&claims.jti)
+            .is_revoked(
+                Some(&claims.jti),
+                &claims.sub,
+                claims.generation,
+                &claims.family,
+            )
             .await
             .map_err(RequestError::StoreUnavailable)?
         {
@@ -253,7 +258,16 @@ impl SessionWatch {
         if !roles.is_empty() && !claims.roles.iter().any(|r| roles.contains(r)) {
             return Some("token lacks the route's roles");
         }
-        match self.store.is_revoked(&claims.jti).await {
+        match self
+            .store
+            .is_revoked(
+                Some(&claims.jti),
+                &claims.sub,
+                claims.generation,
+                &claims.family,
+            )
+            .await
+        {
             Ok(false) => None,
             Ok(true) => Some("token revoked"),
             Err(error) => {

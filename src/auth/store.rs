@@ -6,6 +6,9 @@
 //! Redis turns into a quick 503 instead of a hung request.
 //!
 //! Key layout (all under `store.prefix`, default `keycard:`):
+//! - `<prefix>generation:<username>` — integer, the user's session generation; `INCR` by
+//!   `/logout?all=true` and `keycard user revoke`. No TTL.
+//! - `<prefix>family:<id>` — `"1"`, a revoked refresh family, TTL the refresh lifetime.
 //! - `<prefix>user:<username>` — string, JSON `{"phc": argon2id PHC hash, "roles": [...]}`
 //!   (a bare PHC string, the older form, reads as no roles); written with `SET NX`.
 //! - `<prefix>revoked:<jti>` — string `1`, expiring when the token would have.
@@ -491,16 +494,77 @@ impl Store {
             .await
     }
 
-    /// Whether a `jti` is revoked: one `EXISTS`, the only store call on the proxied path.
-    pub async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
-        let key = self.key("revoked:", jti);
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let n: u64 = self.query(conn, redis::cmd("EXISTS").arg(&key)).await?;
-                Ok(n > 0)
-            }
-            Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).is_some()),
+    /// Whether a token is no longer good: its `jti` revoked, its user's generation moved past
+    /// the token's (`/logout?all=true`), or its refresh family revoked (a rotated refresh
+    /// token was used again). One `MGET`: the only store call on the proxied path, one round
+    /// trip.
+    /// `jti` `None` checks the session only.
+    pub async fn is_revoked(
+        &self,
+        jti: Option<&str>,
+        user: &str,
+        generation: u64,
+        family: &str,
+    ) -> Result<bool, StoreError> {
+        let jti_key = match jti {
+            Some(jti) => self.key("revoked:", jti),
+            // A key no token has: `revoked:` followed by nothing.
+            None => self.key("revoked:", ""),
+        };
+        let mut keys = vec![jti_key, self.key("generation:", user)];
+        if !family.is_empty() {
+            keys.push(self.key("family:", family));
         }
+        let values: Vec<Option<String>> = match &self.backend {
+            Backend::Redis(conn) => self.query(conn, redis::cmd("MGET").arg(&keys)).await?,
+            Backend::Memory(map) => {
+                let map = lock(map);
+                let now = Instant::now();
+                keys.iter().map(|k| map.live(k, now).cloned()).collect()
+            }
+        };
+        let current: u64 = values
+            .get(1)
+            .and_then(|v| v.as_deref()?.parse().ok())
+            .unwrap_or(0);
+        Ok(values.first().is_some_and(Option::is_some)
+            || current > generation
+            || values.get(2).is_some_and(Option::is_some))
+    }
+
+    /// The user's session generation: tokens issued now carry it.
+    pub async fn generation(&self, user: &str) -> Result<u64, StoreError> {
+        let key = self.key("generation:", user);
+        let value: Option<String> = match &self.backend {
+            Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
+            Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
+        };
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// Ends every session of `user`: tokens issued before carry a lower generation and are
+    /// refused; tokens issued after carry the new one and work at once.
+    pub async fn end_all_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        let key = self.key("generation:", user);
+        match &self.backend {
+            Backend::Redis(conn) => Ok(self.query(conn, redis::cmd("INCR").arg(&key)).await?),
+            Backend::Memory(map) => {
+                let mut map = lock(map);
+                let now = Instant::now();
+                map.add(&key, 1, None, now);
+                Ok(map.count(&key, now) as u64)
+            }
+        }
+    }
+
+    /// Revokes a refresh family for `ttl` (the longest a token of it can live): every access
+    /// and refresh token descended from one login.
+    pub async fn revoke_family(&self, family: &str, ttl: Duration) -> Result<(), StoreError> {
+        if !family.is_empty() {
+            self.set_nx(&self.key("family:", family), "1", Some(ttl))
+                .await?;
+        }
+        Ok(())
     }
 
     /// A throttle subject: `kind` is `user` or `addr`.

@@ -74,6 +74,12 @@ pub struct Claims {
     /// The user's roles when the token was issued; routes may require one of them.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The user's session generation when issued; a later `/logout?all=true` moves it on.
+    #[serde(default)]
+    pub generation: u64,
+    /// The refresh family: one id for the tokens descended from one login (RFC 9700 §4.14).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub family: String,
 }
 
 /// The claims as they arrive, before we know they are all there.
@@ -92,6 +98,10 @@ struct RawClaims {
     token_type: Option<TokenType>,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    family: String,
 }
 
 /// Why a token was not accepted (or could not be made).
@@ -111,6 +121,15 @@ pub enum TokenError {
     /// fault, never the client's.
     #[error("signing failed: {0}")]
     Signing(String),
+}
+
+/// What ties tokens to a login: the user's session generation and the refresh family.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The user's generation in the store when the tokens are issued.
+    pub generation: u64,
+    /// The refresh family id; empty for a new one.
+    pub family: String,
 }
 
 /// The tokens `/login` and `/refresh` hand out together.
@@ -248,6 +267,17 @@ impl Tokens {
         roles: &[String],
         token_type: TokenType,
     ) -> Result<(String, Claims), TokenError> {
+        self.issue_in(&Session::default(), sub, roles, token_type)
+    }
+
+    /// [`Tokens::issue`] within a session: its generation and refresh family.
+    pub fn issue_in(
+        &self,
+        session: &Session,
+        sub: &str,
+        roles: &[String],
+        token_type: TokenType,
+    ) -> Result<(String, Claims), TokenError> {
         let now =
             now_secs().ok_or_else(|| TokenError::Signing("system clock is before 1970".into()))?;
         let ttl = match token_type {
@@ -264,6 +294,8 @@ impl Tokens {
             token_type,
             aud: self.audience.clone(),
             roles: roles.to_vec(),
+            generation: session.generation,
+            family: session.family.clone(),
         };
         let key = self
             .signing
@@ -275,9 +307,19 @@ impl Tokens {
     }
 
     /// Issues the access + refresh pair that `/login` and `/refresh` return.
-    pub fn issue_pair(&self, sub: &str, roles: &[String]) -> Result<IssuedPair, TokenError> {
-        let (access_token, _) = self.issue(sub, roles, TokenType::Access)?;
-        let (refresh_token, _) = self.issue(sub, roles, TokenType::Refresh)?;
+    /// `session.family` empty starts a new family (a login); a refresh passes its own.
+    pub fn issue_pair(
+        &self,
+        sub: &str,
+        roles: &[String],
+        session: &Session,
+    ) -> Result<IssuedPair, TokenError> {
+        let mut session = session.clone();
+        if session.family.is_empty() {
+            session.family = new_jti()?;
+        }
+        let (access_token, _) = self.issue_in(&session, sub, roles, TokenType::Access)?;
+        let (refresh_token, _) = self.issue_in(&session, sub, roles, TokenType::Refresh)?;
         Ok(IssuedPair {
             access_token,
             refresh_token,
@@ -290,6 +332,12 @@ impl Tokens {
     /// token work again for the leeway's length.
     pub fn revocation_ttl(&self, claims: &Claims) -> Duration {
         (remaining(claims) + Duration::from_secs(self.leeway)).min(MAX_REVOCATION_TTL)
+    }
+
+    /// How long a refresh family's revocation must last: the longest any of its tokens can
+    /// still be accepted.
+    pub fn family_ttl(&self) -> Duration {
+        Duration::from_secs(self.refresh_ttl.max(self.access_ttl) + self.leeway)
     }
 
     /// Unix second from which `claims`' token is no longer accepted: `exp` plus the leeway.
@@ -380,6 +428,8 @@ impl Tokens {
             token_type,
             aud: self.audience.clone(),
             roles: raw.roles,
+            generation: raw.generation,
+            family: raw.family,
         })
     }
 }
@@ -516,7 +566,7 @@ mod tests {
             };
             assert_eq!(claims.exp, claims.iat + ttl);
         }
-        let pair = t.issue_pair("bob", &[]).unwrap();
+        let pair = t.issue_pair("bob", &[], &Session::default()).unwrap();
         assert_eq!(pair.expires_in, 900);
         assert_eq!(
             t.verify(&pair.access_token, TokenType::Access).unwrap().sub,

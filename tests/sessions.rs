@@ -1,0 +1,154 @@
+//! Sessions: `/logout?all=true`, a refresh token revoked with its access token, refresh
+//! families revoked on reuse (RFC 9700 §4.14), and the one store command per proxied
+//! request.
+//!
+//! Real redis-server, real upstream, real gateway, over HTTP.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+async fn refresh(gw: &Gateway, token: &str) -> reqwest::Response {
+    gw.client
+        .post(gw.url("/refresh"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn refreshed(gw: &Gateway, token: &str) -> (String, String) {
+    let (status, body) = json_body(refresh(gw, token).await).await;
+    assert_eq!(status, 200, "{body}");
+    let field = |k: &str| body[k].as_str().unwrap().to_owned();
+    (field("access_token"), field("refresh_token"))
+}
+
+async fn assert_revoked(resp: reqwest::Response, what: &str) {
+    let f = failure(resp).await;
+    assert_eq!(
+        (f.status, f.msg.as_str()),
+        (401, "Token has been revoked"),
+        "{what}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_ends_every_earlier_session_and_none_after() {
+    let s = Stack::start().await;
+    s.gw.register("una", PASSWORD).await;
+    let (a_access, a_refresh) = s.gw.login("una", PASSWORD).await;
+    let (b_access, b_refresh) = s.gw.login("una", PASSWORD).await;
+    let (other, _) = s.gw.user("vic").await;
+    let resp =
+        s.gw.client
+            .delete(s.gw.url("/logout?all=true"))
+            .bearer_auth(&a_access)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 200);
+    // At once, on the same second: a new login works, every older token does not.
+    let (c_access, c_refresh) = s.gw.login("una", PASSWORD).await;
+    assert_eq!(s.gw.get("/private/x", Some(&c_access)).await.status(), 200);
+    for (token, what) in [(&a_access, "session a"), (&b_access, "session b")] {
+        assert_revoked(s.gw.get("/private/x", Some(token)).await, what).await;
+    }
+    for (token, what) in [(&a_refresh, "refresh a"), (&b_refresh, "refresh b")] {
+        assert_revoked(refresh(&s.gw, token).await, what).await;
+    }
+    refreshed(&s.gw, &c_refresh).await;
+    assert_eq!(
+        s.gw.get("/private/x", Some(&other)).await.status(),
+        200,
+        "other users keep theirs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_naming_the_refresh_token_revokes_it_too() {
+    let s = Stack::start().await;
+    let (access, refresh_token) = s.gw.user("wes").await;
+    let resp =
+        s.gw.client
+            .delete(s.gw.url("/logout"))
+            .bearer_auth(&access)
+            .json(&json!({ "refresh_token": refresh_token }))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_revoked(refresh(&s.gw, &refresh_token).await, "named refresh token").await;
+
+    // Someone else's refresh token cannot be revoked this way.
+    let (mine, _) = s.gw.user("xia").await;
+    let (_, theirs) = s.gw.user("yan").await;
+    let resp =
+        s.gw.client
+            .post(s.gw.url("/logout"))
+            .bearer_auth(&mine)
+            .json(&json!({ "refresh_token": theirs }))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 401);
+    refreshed(&s.gw, &theirs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_a_rotated_refresh_token_revokes_its_whole_family() {
+    let s = Stack::start().await;
+    s.gw.register("zoe", PASSWORD).await;
+    let (_, r1) = s.gw.login("zoe", PASSWORD).await;
+    let (other_access, other_refresh) = s.gw.login("zoe", PASSWORD).await;
+    let (a2, r2) = refreshed(&s.gw, &r1).await;
+    assert_eq!(s.gw.get("/private/x", Some(&a2)).await.status(), 200);
+    // The old refresh token again: a thief or a replay. The family goes.
+    assert_revoked(refresh(&s.gw, &r1).await, "reused refresh token").await;
+    assert_revoked(
+        s.gw.get("/private/x", Some(&a2)).await,
+        "access token of the family",
+    )
+    .await;
+    assert_revoked(refresh(&s.gw, &r2).await, "refresh token of the family").await;
+    // Another login of the same user is another family.
+    assert_eq!(
+        s.gw.get("/private/x", Some(&other_access)).await.status(),
+        200
+    );
+    refreshed(&s.gw, &other_refresh).await;
+}
+
+/// Calls per command since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+async fn command_calls(redis: &RedisServer) -> Vec<(String, u64)> {
+    let info: String = redis.query(redis::cmd("INFO").arg("commandstats")).await;
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .filter(|(name, _)| name != "info" && name != "config" && !name.starts_with("config|"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_request_costs_one_store_command() {
+    // Revocation, the user's generation and the refresh family: all in one MGET.
+    let s = Stack::start().await;
+    let (access, _) = s.gw.user("cal").await;
+    assert_eq!(s.gw.get("/private/warm", Some(&access)).await.status(), 200);
+    let () = s.redis.query(redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    for i in 0..10 {
+        let path = format!("/private/{i}");
+        assert_eq!(s.gw.get(&path, Some(&access)).await.status(), 200);
+    }
+    let calls = command_calls(&s.redis).await;
+    assert_eq!(calls, [("mget".to_owned(), 10)], "{calls:?}");
+}
