@@ -810,11 +810,11 @@ mod tests {
     #[tokio::test]
     async fn memory_revocation_expires() {
         let store = memory();
-        assert!(!store.is_revoked("j").await.unwrap());
+        assert!(!store.is_revoked(Some("j"), "u", 0, "").await.unwrap());
         assert!(store.revoke("j", Duration::from_millis(30)).await.unwrap());
         assert!(!store.revoke("j", Duration::from_millis(30)).await.unwrap());
-        assert!(store.is_revoked("j").await.unwrap());
+        assert!(store.is_revoked(Some("j"), "u", 0, "").await.unwrap());
         tokio::time::sleep(Duration::from_millis(40)).await;
-        assert!(!store.is_revoked("j").await.unwrap());
+        assert!(!store.is_revoked(Some("j"), "u", 0, "").await.unwrap());
     }
 }
