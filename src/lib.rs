@@ -45,5 +45,6 @@ pub mod proxy;
 pub mod reload;
 pub mod routes;
 pub mod server;
+pub mod users;
 
 pub use server::{Listeners, run, run_with_reload};

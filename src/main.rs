@@ -43,6 +43,28 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
     },
+    /// Manage users in the configured (redis://) store.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user; the password is read from standard input (one line), never from argv.
+    Add {
+        name: String,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+    },
+    /// Replace a user's roles (none given: no roles).
+    Roles { name: String, roles: Vec<String> },
+    /// Delete a user and end its sessions.
+    Delete { name: String },
+    /// End every session of a user: all its tokens issued until now are refused.
+    Revoke { name: String },
+    /// List users and their roles.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +94,13 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
             })
         }
+        Command::User(command) => {
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            user(config, command)
+        }
         Command::Dev { listen, admin } => block_on(async move {
             keycard::dev::run(listen, admin, shutdown_signal())
                 .await
@@ -92,6 +121,62 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// `keycard user ...`: prints what it did, or the error (exit 1).
+fn user(config: Config, command: UserCommand) -> ExitCode {
+    let password = match &command {
+        UserCommand::Add { .. } => match read_password() {
+            Ok(password) => Some(password),
+            Err(message) => {
+                eprintln!("keycard: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    block_on(async move {
+        let users = keycard::users::Users::open(config).map_err(|e| e.to_string())?;
+        let done = match command {
+            UserCommand::Add { name, roles } => {
+                let password = password.unwrap_or_default();
+                users.add(&name, &password, &roles).await
+            }
+            UserCommand::Roles { name, roles } => users.roles(&name, &roles).await,
+            UserCommand::Delete { name } => users.delete(&name).await,
+            UserCommand::Revoke { name } => users.revoke(&name).await,
+            UserCommand::List => users.list().await,
+        };
+        let text = done.map_err(|e| e.to_string())?;
+        use std::io::Write;
+        let _ = write!(
+            std::io::stdout(),
+            "{}",
+            text.trim_end_matches('\n').to_owned() + "\n"
+        );
+        Ok(())
+    })
+}
+
+/// The first line of standard input (without its line ending), at most 4 KiB: a password
+/// never goes through argv, where `ps` and shell history would show it.
+fn read_password() -> Result<String, String> {
+    use std::io::{BufRead, Read};
+    if std::io::stdin().is_terminal() {
+        eprint!("Password (input is visible; pipe it in to avoid that): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .take(4096)
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    let line = line.strip_suffix('\n').unwrap_or(&line);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.is_empty() {
+        return Err("no password on standard input".to_owned());
+    }
+    Ok(line.to_owned())
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {

@@ -532,6 +532,87 @@ impl Store {
             || values.get(2).is_some_and(Option::is_some))
     }
 
+    /// Replaces `username`'s roles; false when there is no such user. (Read, change, write:
+    /// two operators changing one user at once could lose one change; `keycard user roles`
+    /// is an operator's tool, not a request path.)
+    pub async fn set_roles(&self, username: &str, roles: &[String]) -> Result<bool, StoreError> {
+        let Some(mut user) = self.get_user(username).await? else {
+            return Ok(false);
+        };
+        user.roles = roles.to_vec();
+        let key = self.key("user:", username);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let cmd = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(user.encode())
+                    .arg("XX")
+                    .clone();
+                let reply: Option<String> = self.query(conn, &cmd).await?;
+                Ok(reply.is_some())
+            }
+            Backend::Memory(map) => {
+                lock(map).entries.insert(key, (user.encode(), None));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Deletes `username`; false when there was no such user.
+    pub async fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
+        let key = self.key("user:", username);
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let n: u64 = self.query(conn, redis::cmd("DEL").arg(&key)).await?;
+                Ok(n > 0)
+            }
+            Backend::Memory(map) => Ok(lock(map).entries.remove(&key).is_some()),
+        }
+    }
+
+    /// Every user with its roles, sorted by name.
+    pub async fn list_users(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let prefix = self.key("user:", "");
+        let mut users = Vec::new();
+        match &self.backend {
+            Backend::Redis(conn) => {
+                let mut cursor = 0u64;
+                loop {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{prefix}*"))
+                        .arg("COUNT")
+                        .arg(500);
+                    let (next, keys): (u64, Vec<String>) = self.query(conn, &cmd).await?;
+                    for key in keys {
+                        let name = key[prefix.len()..].to_owned();
+                        if let Some(user) = self.get_user(&name).await? {
+                            users.push((name, user.roles));
+                        }
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Backend::Memory(map) => {
+                let map = lock(map);
+                for (key, (value, _)) in &map.entries {
+                    if let (Some(name), Some(user)) =
+                        (key.strip_prefix(&prefix), UserRecord::decode(value))
+                    {
+                        users.push((name.to_owned(), user.roles));
+                    }
+                }
+            }
+        }
+        users.sort();
+        users.dedup_by(|a, b| a.0 == b.0);
+        Ok(users)
+    }
+
     /// The user's session generation: tokens issued now carry it.
     pub async fn generation(&self, user: &str) -> Result<u64, StoreError> {
         let key = self.key("generation:", user);
