@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the integration tests use: redis-server, and PyJWT (tests/keys.rs checks
+# Debian packages the integration tests use: redis-server, nginx, and PyJWT (tests/keys.rs checks
 # that a standard JWT library verifies keycard's tokens against its JWKS).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# tests/forward_auth.rs runs keycard behind a real nginx (auth_request).
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 /usr/bin/python3 -c 'import jwt, cryptography' >/dev/null 2>&1 ||
   missing+=(python3 python3-jwt python3-cryptography)
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -19,6 +21,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 redis-server --version
 /usr/bin/python3 -c 'import jwt; print("PyJWT", jwt.__version__)'
+{ [ -x /usr/sbin/nginx ] && /usr/sbin/nginx -v; } || nginx -v
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

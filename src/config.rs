@@ -55,6 +55,8 @@ pub struct Config {
     pub throttle: ThrottleConfig,
     /// Who may create users through `/register`.
     pub registration: RegistrationConfig,
+    /// The endpoint an nginx, Traefik or Envoy in front asks before forwarding.
+    pub forward_auth: ForwardAuthConfig,
     /// Routes in file order; the router sorts them for matching.
     pub routes: Vec<RouteConfig>,
 }
@@ -390,6 +392,26 @@ impl Default for RegistrationConfig {
         RegistrationConfig {
             enabled: true,
             default_roles: Vec::new(),
+        }
+    }
+}
+
+/// `[forward_auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// `forward_auth.enabled`: false leaves `path` to the routes like any other path.
+    pub enabled: bool,
+    /// `forward_auth.path` (default `/_keycard/verify`), on `server.listen`.
+    #[serde(deserialize_with = "route_path")]
+    pub path: String,
+}
+
+impl Default for ForwardAuthConfig {
+    fn default() -> Self {
+        ForwardAuthConfig {
+            enabled: true,
+            path: "/_keycard/verify".to_owned(),
         }
     }
 }

@@ -191,6 +191,20 @@ impl Gateway {
         let path =
             routes::canonicalize(request.uri().path()).map_err(|_| RequestError::InvalidPath)?;
 
+        let forward_auth = &policy.config.forward_auth;
+        if forward_auth.enabled && path == forward_auth.path {
+            let trusted = is_trusted(peer.ip(), &policy.trusted_proxies);
+            let (identity, route) = self
+                .auth
+                .forward_auth(&policy, request.headers(), trusted)
+                .await?;
+            outcome.route = route;
+            outcome.user = identity.user().map(str::to_owned);
+            let mut response = crate::body::json_msg(http::StatusCode::OK, "Authorized");
+            identity.write_headers(&policy.identity, response.headers_mut())?;
+            return Ok(response);
+        }
+
         if let Some(endpoint) = Endpoint::from_path(&path) {
             outcome.route = Arc::from(endpoint.name());
             let client = client_ip(request.headers(), peer.ip(), &policy.trusted_proxies);

@@ -117,6 +117,33 @@ impl Auth {
         Ok(Identity::User(claims))
     }
 
+    /// Forward-auth (nginx `auth_request`, Traefik ForwardAuth, Envoy `ext_authz`): decides
+    /// for the request a proxy in front is about to forward, named by `X-Forwarded-Uri` or
+    /// `X-Original-URI`, which are believed only from `server.trusted_proxies`. The same
+    /// [`Auth::authorize`] as the proxy path; no route, or no trusted original URI, is 403
+    /// (fail closed: an `auth_request` only understands 2xx, 401 and 403).
+    pub async fn forward_auth(
+        &self,
+        policy: &Policy,
+        headers: &HeaderMap,
+        trusted: bool,
+    ) -> Result<(Identity, Arc<str>), RequestError> {
+        let original = ["x-forwarded-uri", "x-original-uri"]
+            .iter()
+            .find_map(|name| headers.get(*name))
+            .filter(|_| trusted)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|uri| uri.parse::<http::Uri>().ok())
+            .ok_or(RequestError::Forbidden(
+                "Missing or untrusted X-Forwarded-Uri",
+            ))?;
+        let path = crate::routes::canonicalize(original.path())
+            .map_err(|_| RequestError::Forbidden("Invalid path"))?;
+        let route = (policy.routes.find(&path)).ok_or(RequestError::Forbidden("No route"))?;
+        let identity = self.authorize(policy, route, headers).await?;
+        Ok((identity, route.label.clone()))
+    }
+
     /// Verifies the bearer token in `headers` and checks it is not revoked: the whole
     /// per-request cost of authentication, one store round trip at most.
     pub async fn authenticate(

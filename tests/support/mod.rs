@@ -636,6 +636,7 @@ impl GatewayOpts {
              {tokens}\n\
              [identity]\nuser_header = {}\nprefix = {}\n{identity_claims}\n\
              [registration]\nenabled = {}\ndefault_roles = {}\n\n\
+             [forward_auth]\nenabled = {}\npath = {}\n\n\
              [passwords]\nmemory_kib = {}\niterations = {}\nparallelism = {}\n\
              max_concurrent = {}\nqueue_timeout = {}\nmax_queue = {}\n\n\
              [throttle]\nuser_limit = {}\nuser_window = {}\naddress_limit = {}\n\
@@ -661,6 +662,8 @@ impl GatewayOpts {
             q(&c.identity.prefix),
             c.registration.enabled,
             list(c.registration.default_roles.clone()),
+            c.forward_auth.enabled,
+            q(&c.forward_auth.path),
             p.memory_kib,
             p.iterations,
             p.parallelism,
