@@ -57,6 +57,8 @@ pub struct Config {
     pub registration: RegistrationConfig,
     /// The endpoint an nginx, Traefik or Envoy in front asks before forwarding.
     pub forward_auth: ForwardAuthConfig,
+    /// `[[issuers]]`: identity providers whose tokens are accepted too.
+    pub issuers: Vec<IssuerConfig>,
     /// Routes in file order; the router sorts them for matching.
     pub routes: Vec<RouteConfig>,
 }
@@ -393,6 +395,66 @@ impl Default for RegistrationConfig {
             enabled: true,
             default_roles: Vec::new(),
         }
+    }
+}
+
+/// One `[[issuers]]` entry: an identity provider whose tokens keycard accepts (it never
+/// issues tokens for it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// `issuer` (required): the `iss` its tokens carry; picks this entry.
+    #[serde(deserialize_with = "non_empty")]
+    pub issuer: String,
+    /// `jwks_url` (required): where its public keys are, `http://` (see the README).
+    #[serde(deserialize_with = "parsed")]
+    pub jwks_url: JwksUrl,
+    /// `audience`: required in `aud` when set.
+    #[serde(deserialize_with = "non_empty_some")]
+    pub audience: Option<String>,
+    /// `algorithms` (default `["RS256"]`): RS256, ES256, EdDSA.
+    #[serde(deserialize_with = "list")]
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// `user_claim` (default `sub`): the claim that names the user.
+    #[serde(deserialize_with = "non_empty")]
+    pub user_claim: String,
+    /// `cache_ttl` (default 5m): how long a fetched key set is used before it is fetched again.
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
+    pub cache_ttl: Duration,
+    /// `refetch_interval` (default 30s): a token with an unknown `kid` fetches the set again,
+    /// at most this often.
+    #[serde(deserialize_with = "duration::<_, SECOND, YEAR>")]
+    pub refetch_interval: Duration,
+}
+
+impl Default for IssuerConfig {
+    fn default() -> Self {
+        IssuerConfig {
+            issuer: String::new(),
+            jwks_url: JwksUrl(http::Uri::from_static("http://127.0.0.1/jwks.json")),
+            audience: None,
+            algorithms: vec![jsonwebtoken::Algorithm::RS256],
+            user_claim: "sub".to_owned(),
+            cache_ttl: Duration::from_secs(300),
+            refetch_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An `http://` URL of a JWKS document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl(pub http::Uri);
+
+impl Parse for JwksUrl {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with("https://") {
+            return Err("https:// is not supported by this build (no TLS client); serve the JWKS over http:// on a trusted network, or through a local TLS-terminating proxy".to_owned());
+        }
+        let uri: http::Uri = s.parse().map_err(|_| "not a URL".to_owned())?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+            return Err("expected http://host[:port]/path".to_owned());
+        }
+        Ok(JwksUrl(uri))
     }
 }
 
@@ -768,6 +830,23 @@ impl Reader<'_> {
             if !route.roles.is_empty() && route.auth != AuthMode::Required {
                 let message = "roles need auth = \"required\"".to_owned();
                 self.error_key(&format!("routes[{i}].roles"), message);
+            }
+        }
+        let mut seen = vec![c.tokens.issuer.as_str()];
+        for (i, issuer) in c.issuers.iter().enumerate() {
+            let name = format!("issuers[{i}]");
+            self.require(&name, &["issuer", "jwks_url"]);
+            if seen.contains(&issuer.issuer.as_str())
+                && self.value_span(&format!("{name}.issuer")).is_some()
+            {
+                let message = "already used by tokens.issuer or another [[issuers]]".to_owned();
+                self.error_key(&format!("{name}.issuer"), message);
+            }
+            seen.push(&issuer.issuer);
+            if issuer.algorithms.iter().any(|a| is_hmac(*a)) || issuer.algorithms.is_empty() {
+                let message =
+                    "RS256, ES256 or EdDSA: another issuer's keys are public keys".to_owned();
+                self.error_key(&format!("{name}.algorithms"), message);
             }
         }
         let mut i = 0;

@@ -44,6 +44,8 @@ pub struct Policy {
     pub routes: RouteTable,
     /// Signs and verifies tokens with keys built once.
     pub tokens: Tokens,
+    /// `[[issuers]]` and their cached keys.
+    pub issuers: crate::auth::issuers::Issuers,
     /// Which headers are the gateway's own, and how the user is written.
     pub identity: IdentityHeaders,
     /// `server.trusted_proxies`.
@@ -135,6 +137,7 @@ impl Policy {
         Policy {
             routes: Router::new(routes),
             tokens: Tokens::new(&config.tokens),
+            issuers: crate::auth::issuers::Issuers::new(&config.issuers),
             identity: IdentityHeaders::new(&config.identity),
             trusted_proxies: server.trusted_proxies.clone(),
             throttle: config.throttle.clone(),

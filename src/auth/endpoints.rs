@@ -196,7 +196,7 @@ impl Auth {
                     .query()
                     .is_some_and(|q| q.split('&').any(|p| p == "all=true"));
                 let claims = self
-                    .authenticate(tokens, request.headers(), TokenType::Access)
+                    .authenticate(policy, request.headers(), TokenType::Access)
                     .await?;
                 // A refresh token named in the body (`{"refresh_token": ...}`) goes too, so
                 // the client cannot silently mint new access tokens after logging out.

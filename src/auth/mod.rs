@@ -9,6 +9,7 @@
 //! endpoint or, through [`Auth::authorize`], to decide a request's [`Identity`].
 
 pub mod endpoints;
+pub mod issuers;
 pub mod keys;
 pub mod password;
 pub mod store;
@@ -68,9 +69,12 @@ impl Identity {
     ) -> Result<(), RequestError> {
         match self {
             Identity::User(claims) => {
-                rules
-                    .inject(headers, &claims.sub)
-                    .map_err(|e| RequestError::Internal(format!("identity header: {e}")))?;
+                let injected = if claims.external {
+                    rules.inject_external(headers, &claims.sub)
+                } else {
+                    rules.inject(headers, &claims.sub)
+                };
+                injected.map_err(|e| RequestError::Internal(format!("identity header: {e}")))?;
                 rules.inject_claims(headers, claims);
                 Ok(())
             }
@@ -105,7 +109,7 @@ impl Auth {
                 return Ok(Identity::Anonymous);
             }
             AuthMode::Optional | AuthMode::Required => {
-                self.authenticate(&policy.tokens, headers, TokenType::Access)
+                self.authenticate(policy, headers, TokenType::Access)
                     .await?
             }
         };
@@ -148,11 +152,11 @@ impl Auth {
     /// per-request cost of authentication, one store round trip at most.
     pub async fn authenticate(
         &self,
-        tokens: &Tokens,
+        policy: &Policy,
         headers: &HeaderMap,
         expected: TokenType,
     ) -> Result<Claims, RequestError> {
-        let claims = verify_bearer(tokens, headers, expected)?;
+        let claims = verify_any(policy, bearer_token(headers)?, expected).await?;
         if self
             .store
             .is_revoked(
@@ -168,6 +172,51 @@ impl Auth {
         }
         Ok(claims)
     }
+}
+
+/// Verifies a token as keycard's own, or, when its (unverified) `iss` names one of the
+/// `[[issuers]]`, as that issuer's (access tokens only: keycard issues no refresh tokens for
+/// them). Nothing is believed from the unverified `iss` but which keys to check against.
+pub async fn verify_any(
+    policy: &Policy,
+    token: &str,
+    expected: TokenType,
+) -> Result<Claims, token::TokenError> {
+    if expected == TokenType::Access
+        && let Some(iss) = unverified_issuer(token)
+        && iss != policy.tokens.issuer()
+        && policy.issuers.knows(&iss)
+    {
+        return policy
+            .issuers
+            .verify(token, &iss, policy.tokens.leeway())
+            .await;
+    }
+    policy.tokens.verify(token, expected)
+}
+
+/// The `iss` of a JWT's payload, unverified.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Iss {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}
+
+/// Whether `user` may be written as an identity header: keycard's own user names, and what
+/// other issuers use for subjects (`auth0|5f…`, UUIDs, e-mail addresses): 1–255 visible
+/// ASCII characters without separators that a back end could split on (`,` `;` quotes).
+pub fn is_safe_identity(user: &str) -> bool {
+    (1..=255).contains(&user.len())
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b",;\"'\\".contains(&b))
 }
 
 /// Checks the `Authorization` header's shape and the token's signature and claims, without
@@ -275,7 +324,7 @@ impl SessionWatch {
         if route.policy == AuthMode::Public {
             return None;
         }
-        let claims = match policy.tokens.verify(token, TokenType::Access) {
+        let claims = match verify_any(&policy, token, TokenType::Access).await {
             Ok(claims) => claims,
             Err(token::TokenError::Expired) => return Some("token expired"),
             Err(_) => return Some("token no longer valid"),

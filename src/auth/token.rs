@@ -80,6 +80,9 @@ pub struct Claims {
     /// The refresh family: one id for the tokens descended from one login (RFC 9700 §4.14).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub family: String,
+    /// Verified as another issuer's token (`[[issuers]]`), not one keycard issued.
+    #[serde(skip)]
+    pub external: bool,
 }
 
 /// The claims as they arrive, before we know they are all there.
@@ -253,6 +256,16 @@ impl Tokens {
         }
     }
 
+    /// `tokens.issuer`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The clock leeway in seconds.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
     /// The JWKS document (RFC 7517) of the public verification keys, for
     /// `GET /.well-known/jwks.json`; `{"keys":[]}` when every key is an HMAC secret.
     pub fn jwks(&self) -> &str {
@@ -296,6 +309,7 @@ impl Tokens {
             roles: roles.to_vec(),
             generation: session.generation,
             family: session.family.clone(),
+            external: false,
         };
         let key = self
             .signing
@@ -430,6 +444,7 @@ impl Tokens {
             roles: raw.roles,
             generation: raw.generation,
             family: raw.family,
+            external: false,
         })
     }
 }

@@ -307,6 +307,22 @@ impl IdentityHeaders {
         Ok(())
     }
 
+    /// Sets the user header to a user named by another issuer (`[[issuers]]`), whose subjects
+    /// need not follow keycard's user-name alphabet (`auth0|5f…`, UUIDs): any 1–255 visible
+    /// ASCII characters without `,` `;` or quotes.
+    pub fn inject_external(
+        &self,
+        headers: &mut HeaderMap,
+        user: &str,
+    ) -> Result<(), InvalidIdentity> {
+        if !crate::auth::is_safe_identity(user) {
+            return Err(InvalidIdentity);
+        }
+        let value = HeaderValue::from_str(user).map_err(|_| InvalidIdentity)?;
+        headers.insert(self.user_header.clone(), value);
+        Ok(())
+    }
+
     /// Writes the `[identity.claims]` headers from a verified token, replacing any value.
     /// Arrays (`roles`) are comma-separated; an empty claim writes no header, and a value
     /// that is too long or not a valid header value is left out (and logged).

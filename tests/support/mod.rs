@@ -675,6 +675,22 @@ impl GatewayOpts {
             th.address_limit,
             ms(th.address_window),
         );
+        for i in &c.issuers {
+            let algs: Vec<String> = i.algorithms.iter().map(|a| format!("{a:?}")).collect();
+            out.push_str(&format!(
+                "\n[[issuers]]\nissuer = {}\njwks_url = {}\nalgorithms = {}\nuser_claim = {}\n\
+                 cache_ttl = {}\nrefetch_interval = {}\n",
+                q(&i.issuer),
+                q(&i.jwks_url.0.to_string()),
+                list(algs),
+                q(&i.user_claim),
+                ms(i.cache_ttl),
+                ms(i.refetch_interval),
+            ));
+            if let Some(aud) = &i.audience {
+                out.push_str(&format!("audience = {}\n", q(aud)));
+            }
+        }
         for r in &c.routes {
             out.push_str(&format!(
                 "\n[[routes]]\npath = {}\nupstream = {}\nauth = {}\nroles = {}\nstrip_prefix = {}\n\
