@@ -49,13 +49,7 @@ async fn a_route_with_roles_needs_one_of_them_else_403() {
     assert_eq!(s.gw.get("/private/x", Some(&joe)).await.status(), 200);
     // No token is still 401, and a revoked token with the right role is 401, not 403.
     assert_eq!(s.gw.get("/admin/x", None).await.status(), 401);
-    let logout =
-        s.gw.client
-            .delete(s.gw.url("/logout"))
-            .bearer_auth(&root)
-            .send()
-            .await
-            .unwrap();
+    let logout = s.gw.logout(&root).await;
     assert_eq!(logout.status(), 200);
     let f = failure(s.gw.get("/admin/x", Some(&root)).await).await;
     assert_eq!((f.status, f.msg.as_str()), (401, "Token has been revoked"));
@@ -147,13 +141,7 @@ async fn optional_routes_pass_without_a_token_inject_a_valid_one_and_refuse_a_ba
     assert_eq!(f.status, 401, "{}", f.msg);
     let f = failure(s.gw.get("/maybe/x", Some(&mint_valid(&expired))).await).await;
     assert_eq!((f.status, f.msg.as_str()), (401, "Token has expired"));
-    let logout =
-        s.gw.client
-            .delete(s.gw.url("/logout"))
-            .bearer_auth(&access)
-            .send()
-            .await
-            .unwrap();
+    let logout = s.gw.logout(&access).await;
     assert_eq!(logout.status(), 200);
     let f = failure(s.gw.get("/maybe/x", Some(&access)).await).await;
     assert_eq!((f.status, f.msg.as_str()), (401, "Token has been revoked"));

@@ -147,13 +147,7 @@ async fn nginx_auth_request_asks_keycard_before_forwarding() {
     assert!(echo.values("x-auth-user").is_empty(), "{echo:?}");
 
     // A revoked token is refused at once.
-    let logout = gw
-        .client
-        .delete(gw.url("/logout"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap();
+    let logout = gw.logout(&access).await;
     assert_eq!(logout.status(), 200);
     let resp = client
         .get(nginx.url("/private/x"))

@@ -10,12 +10,7 @@ use serde_json::json;
 use support::*;
 
 async fn refresh(gw: &Gateway, token: &str) -> reqwest::Response {
-    gw.client
-        .post(gw.url("/refresh"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    gw.refresh(token).await
 }
 
 async fn refreshed(gw: &Gateway, token: &str) -> (String, String) {

@@ -901,6 +901,28 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// `DELETE /logout` with `token`.
+    pub async fn logout(&self, token: &str) -> reqwest::Response {
+        (self
+            .client
+            .delete(self.url("/logout"))
+            .bearer_auth(token)
+            .send())
+        .await
+        .unwrap_or_else(|e| panic!("DELETE /logout: {e}"))
+    }
+
+    /// `POST /refresh` with the refresh token `token`.
+    pub async fn refresh(&self, token: &str) -> reqwest::Response {
+        (self
+            .client
+            .post(self.url("/refresh"))
+            .bearer_auth(token)
+            .send())
+        .await
+        .unwrap_or_else(|e| panic!("POST /refresh: {e}"))
+    }
+
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.client
