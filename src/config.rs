@@ -406,7 +406,7 @@ pub struct IssuerConfig {
     /// `issuer` (required): the `iss` its tokens carry; picks this entry.
     #[serde(deserialize_with = "non_empty")]
     pub issuer: String,
-    /// `jwks_url` (required): where its public keys are, `http://` (see the README).
+    /// `jwks_url` (required): where its public keys are, `https://` (or `http://`).
     #[serde(deserialize_with = "parsed")]
     pub jwks_url: JwksUrl,
     /// `audience`: required in `aud` when set.
@@ -441,18 +441,21 @@ impl Default for IssuerConfig {
     }
 }
 
-/// An `http://` URL of a JWKS document.
+/// The `https://` (or `http://`) URL of a JWKS document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl(pub http::Uri);
 
 impl Parse for JwksUrl {
     fn parse(s: &str) -> Result<Self, String> {
-        if s.starts_with("https://") {
-            return Err("https:// is not supported by this build (no TLS client); serve the JWKS over http:// on a trusted network, or through a local TLS-terminating proxy".to_owned());
-        }
         let uri: http::Uri = s.parse().map_err(|_| "not a URL".to_owned())?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
-            return Err("expected http://host[:port]/path".to_owned());
+        let scheme_ok = matches!(uri.scheme_str(), Some("https" | "http"));
+        if !scheme_ok
+            || uri.host().is_none_or(str::is_empty)
+            || uri.authority().is_some_and(|a| a.as_str().contains('@'))
+        {
+            return Err(
+                "expected https://host[:port]/path (or http:// on a trusted network)".to_owned(),
+            );
         }
         Ok(JwksUrl(uri))
     }
@@ -2560,6 +2563,40 @@ unknown = true
             let e = one_error(&keyed(tokens));
             assert_eq!(e.key, key, "{tokens}");
             assert!(!e.message.contains("BEGIN"), "{e}");
+        }
+    }
+
+    #[test]
+    fn issuers() {
+        let with = |issuer: &str| format!("{MINIMAL}\n[[issuers]]\n{issuer}\n");
+        let c = parse(&with(
+            "issuer = \"https://idp.example.com/\"\njwks_url = \"https://idp.example.com/.well-known/jwks.json\"\n\
+             audience = \"my-api\"\nalgorithms = [\"RS256\", \"ES256\"]\nuser_claim = \"email\"",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.issuers[0].jwks_url.0.scheme_str(), Some("https"));
+        assert_eq!(c.issuers[0].user_claim, "email");
+        for (issuer, key) in [
+            ("jwks_url = \"https://x/j\"", "issuers[0].issuer"),
+            ("issuer = \"i\"", "issuers[0].jwks_url"),
+            (
+                "issuer = \"keycard\"\njwks_url = \"https://x/j\"",
+                "issuers[0].issuer",
+            ),
+            (
+                "issuer = \"i\"\njwks_url = \"ftp://x/j\"",
+                "issuers[0].jwks_url",
+            ),
+            (
+                "issuer = \"i\"\njwks_url = \"https://u:p@x/j\"",
+                "issuers[0].jwks_url",
+            ),
+            (
+                "issuer = \"i\"\njwks_url = \"https://x/j\"\nalgorithms = [\"HS256\"]",
+                "issuers[0].algorithms",
+            ),
+        ] {
+            assert_eq!(one_error(&with(issuer)).key, key, "{issuer}");
         }
     }
 

@@ -251,3 +251,21 @@ async fn a_failing_provider_keeps_the_last_good_keys() {
         "a stale set was not fetched again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_jwks_url_that_fails_its_handshake_refuses_tokens_and_nothing_else() {
+    // https:// goes through TLS (Mozilla roots): a plain-HTTP server there fails the
+    // handshake, the issuer has no keys, and its tokens are refused; keycard's own still work.
+    let (rsa, jwk) = key(Algorithm::RS256, "rs256.pem", "rs256.pub.pem", "idp-1");
+    let jwks = Jwks::start(json!({ "keys": [jwk] }).to_string()).await;
+    let url = JwksUrl(format!("https://{}/jwks.json", jwks.addr).parse().unwrap());
+    let s = stack(&jwks, |i| i.jwks_url = url).await;
+    let token = sign(Algorithm::RS256, &rsa, "idp-1", &idp_claims("fay"));
+    let f = failure(s.gw.get("/private/x", Some(&token)).await).await;
+    assert_eq!(
+        (f.status, f.msg.as_str()),
+        (401, "Signature verification failed")
+    );
+    let (own, _) = s.gw.user("fay").await;
+    assert_eq!(s.gw.get("/private/x", Some(&own)).await.status(), 200);
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -41,7 +42,7 @@ struct Issuer {
     keys: ArcSwapOption<KeySet>,
     /// When the last fetch started; one fetch at a time.
     fetching: tokio::sync::Mutex<Option<Instant>>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
 /// A fetched key set: `kid` → key.
@@ -64,8 +65,16 @@ impl Issuers {
         let issuers: Vec<Arc<Issuer>> = configs
             .iter()
             .map(|config| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(FETCH_TIMEOUT));
+                let mut http = HttpConnector::new();
+                http.set_connect_timeout(Some(FETCH_TIMEOUT));
+                http.enforce_http(false);
+                // https:// against the Mozilla roots compiled in (the image has no system
+                // store); http:// for a provider on a trusted network or a local proxy.
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_webpki_roots()
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
                 Arc::new(Issuer {
                     config: config.clone(),
                     keys: ArcSwapOption::empty(),
