@@ -835,6 +835,14 @@ impl Reader<'_> {
                 self.error_key(&format!("routes[{i}].roles"), message);
             }
         }
+        let mut headers = vec![c.identity.user_header.clone()];
+        for (claim, header) in &c.identity.claims {
+            if headers.contains(header) {
+                let message = format!("{header} is already the user header or another claim's");
+                self.error_key(&format!("identity.claims.{claim}"), message);
+            }
+            headers.push(header.clone());
+        }
         let mut seen = vec![c.tokens.issuer.as_str()];
         for (i, issuer) in c.issuers.iter().enumerate() {
             let name = format!("issuers[{i}]");
@@ -1668,6 +1676,11 @@ const RESERVED_IDENTITY_HEADERS: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-proto",
+    "x-forwarded-uri",
+    "x-original-uri",
+    "x-original-url",
+    "x-real-ip",
+    "x-request-id",
 ];
 
 /// Lowercases and folds `_` and `.` to `-`, the way CGI-style back ends read header names.
@@ -2597,6 +2610,22 @@ unknown = true
             ),
         ] {
             assert_eq!(one_error(&with(issuer)).key, key, "{issuer}");
+        }
+    }
+
+    #[test]
+    fn claims_cannot_take_a_header_keycard_writes() {
+        for mapping in [
+            "jti = \"X-Request-Id\"",
+            "sub = \"X-Real-IP\"",
+            "roles = \"X-Auth-User\"",
+            "roles = \"X-R\"\niss = \"x-r\"",
+        ] {
+            let text = format!("{MINIMAL}\n[identity.claims]\n{mapping}\n");
+            assert!(
+                one_error(&text).key.starts_with("identity.claims"),
+                "{mapping}"
+            );
         }
     }
 

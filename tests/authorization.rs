@@ -131,6 +131,15 @@ async fn optional_routes_pass_without_a_token_inject_a_valid_one_and_refuse_a_ba
         "anonymous request got an identity: {echo:?}"
     );
 
+    // Another scheme is no token: passed on anonymously, as Flask-JWT-Extended's optional.
+    let resp =
+        s.gw.client
+            .get(s.gw.url("/maybe/x"))
+            .header("authorization", "Basic b2xpdmU6c2VjcmV0")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 200);
     let (access, _) = s.gw.user("olive").await;
     let echo = Echo::from_response(s.gw.get("/maybe/x", Some(&access)).await).await;
     assert_eq!(echo.values("x-auth-user"), ["olive"]);

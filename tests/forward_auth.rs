@@ -44,6 +44,7 @@ http {{
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Forwarded-Uri $request_uri;
             proxy_set_header X-Forwarded-Method $request_method;
         }}
         location / {{
@@ -146,6 +147,24 @@ async fn nginx_auth_request_asks_keycard_before_forwarding() {
     let echo = Echo::from_response(resp).await;
     assert!(echo.values("x-auth-user").is_empty(), "{echo:?}");
 
+    // Found by review: nginx passes the client's own headers to the auth request; a client's
+    // X-Forwarded-Uri must never decide (the README config sets it, keycard refuses any
+    // disagreement between the two).
+    for spoof in ["x-forwarded-uri", "x-original-uri"] {
+        let resp = client
+            .get(nginx.url("/admin/panel"))
+            .bearer_auth(&access)
+            .header(spoof, "/public/x")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(resp.status().as_u16(), 401 | 403),
+            "{spoof}: {}",
+            resp.status()
+        );
+    }
+
     // A revoked token is refused at once.
     let logout = gw.logout(&access).await;
     assert_eq!(logout.status(), 200);
@@ -200,6 +219,19 @@ async fn the_verify_endpoint_trusts_original_uri_only_from_trusted_proxies() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-auth-user"], "otto");
     assert_eq!(ask("/private/x", None).await.unwrap().status(), 401);
+    let both =
+        t.gw.client
+            .get(t.gw.url("/_keycard/verify"))
+            .header("x-original-uri", "/private/x")
+            .header("x-forwarded-uri", "/public/x")
+            .send()
+            .await
+            .unwrap();
+    let f = failure(both).await;
+    assert_eq!(
+        (f.status, f.msg.as_str()),
+        (403, "Conflicting X-Forwarded-Uri and X-Original-URI")
+    );
     let f = failure(ask("/nowhere", Some(&access)).await.unwrap()).await;
     assert_eq!((f.status, f.msg.as_str()), (403, "No route"));
     assert_eq!(ask("/public/x", None).await.unwrap().status(), 200);

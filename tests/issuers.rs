@@ -269,3 +269,59 @@ async fn an_https_jwks_url_that_fails_its_handshake_refuses_tokens_and_nothing_e
     let (own, _) = s.gw.user("fay").await;
     assert_eq!(s.gw.get("/private/x", Some(&own)).await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_findings_for_other_issuers() {
+    // The set has a key keycard cannot use (an X25519 encryption key, an unknown kty): they
+    // are skipped, not a reason to refuse the whole set.
+    let (rsa, jwk) = key(Algorithm::RS256, "rs256.pem", "rs256.pub.pem", "idp-1");
+    let odd = [
+        json!({"kty": "OKP", "crv": "X25519", "use": "enc", "kid": "x", "x": "AAAA"}),
+        json!({"kty": "future", "kid": "f"}),
+    ];
+    let jwks = Jwks::start(json!({ "keys": [odd[0], jwk, odd[1]] }).to_string()).await;
+    let s = stack(&jwks, |_| {}).await;
+    let (local, _) = s.gw.user("alice").await;
+
+    // nbf and iat in the future are refused, as for keycard's own tokens.
+    for claim in ["nbf", "iat"] {
+        let mut c = idp_claims("kim");
+        c[claim] = (now() + 3600).into();
+        let token = sign(Algorithm::RS256, &rsa, "idp-1", &c);
+        let f = failure(s.gw.get("/private/x", Some(&token)).await).await;
+        assert_eq!(
+            (f.status, f.msg.as_str()),
+            (401, "Token not yet valid"),
+            "{claim}"
+        );
+    }
+
+    // A token without jti: logging out cannot revoke it, and must not revoke every other
+    // jti-less token (the empty key once did).
+    let mut c = idp_claims("dave");
+    c.as_object_mut().unwrap().remove("jti");
+    let dave = sign(Algorithm::RS256, &rsa, "idp-1", &c);
+    let mut c = idp_claims("carol");
+    c.as_object_mut().unwrap().remove("jti");
+    let carol = sign(Algorithm::RS256, &rsa, "idp-1", &c);
+    assert_eq!(s.gw.logout(&dave).await.status(), 400);
+    assert_eq!(s.gw.get("/private/x", Some(&carol)).await.status(), 200);
+    let (_, refresh) = s.gw.login("alice", PASSWORD).await;
+    assert_eq!(
+        s.gw.refresh(&refresh).await.status(),
+        200,
+        "refresh unaffected"
+    );
+
+    // An outside "alice" cannot end the local alice's sessions.
+    let outside_alice = sign(Algorithm::RS256, &rsa, "idp-1", &idp_claims("alice"));
+    let resp =
+        s.gw.client
+            .delete(s.gw.url("/logout?all=true"))
+            .bearer_auth(&outside_alice)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(s.gw.get("/private/x", Some(&local)).await.status(), 200);
+}

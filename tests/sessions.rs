@@ -87,7 +87,13 @@ async fn a_logout_naming_the_refresh_token_revokes_it_too() {
             .send()
             .await
             .unwrap();
-    assert_eq!(resp.status(), 401);
+    // The logout happens; the other user's token is ignored, not revoked.
+    assert_eq!(resp.status(), 200);
+    assert_revoked(
+        s.gw.get("/private/x", Some(&mine)).await,
+        "the caller's token",
+    )
+    .await;
     refreshed(&s.gw, &theirs).await;
 }
 
@@ -146,4 +152,84 @@ async fn a_proxied_request_costs_one_store_command() {
     }
     let calls = command_calls(&s.redis).await;
     assert_eq!(calls, [("mget".to_owned(), 10)], "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_pair_keeps_the_generation_of_its_refresh_token() {
+    // Found by review: the new pair took the store's generation, so a refresh racing
+    // `/logout?all=true` minted tokens that outlived it. Shown without a race: the store's
+    // value is lowered under a token, and the refreshed pair still carries the token's.
+    let s = Stack::start().await;
+    s.gw.register("gus", PASSWORD).await;
+    for _ in 0..3 {
+        let (a, _) = s.gw.login("gus", PASSWORD).await;
+        assert_eq!(
+            s.gw.client
+                .delete(s.gw.url("/logout?all=TRUE"))
+                .bearer_auth(&a)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let (_, r) = s.gw.login("gus", PASSWORD).await;
+    assert_eq!(decode_claims(&r)["generation"], 3, "all=TRUE counts too");
+    let () = s
+        .redis
+        .query(redis::cmd("DEL").arg("keycard:generation:gus"))
+        .await;
+    let (access, _) = refreshed(&s.gw, &r).await;
+    assert_eq!(decode_claims(&access)["generation"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_body_never_stops_the_logout_itself() {
+    let s = Stack::start().await;
+    let (theirs_access, theirs) = s.gw.user("hal").await;
+    let bodies: [(&str, String); 3] = [
+        (
+            "application/json",
+            json!({ "refresh_token": theirs }).to_string(),
+        ),
+        ("application/json", "{not json".to_owned()),
+        ("text/plain", "whatever".to_owned()),
+    ];
+    for (content_type, body) in bodies {
+        let (access, _) =
+            s.gw.user(&format!("ida{}", random_jti()[..6].to_owned()))
+                .await;
+        let resp =
+            s.gw.client
+                .delete(s.gw.url("/logout"))
+                .bearer_auth(&access)
+                .header("content-type", content_type)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(resp.status(), 200, "{content_type} {body}");
+        assert_revoked(s.gw.get("/private/x", Some(&access)).await, &body).await;
+    }
+    // Someone else's refresh token in the body was ignored, not revoked.
+    assert_eq!(
+        s.gw.get("/private/x", Some(&theirs_access)).await.status(),
+        200
+    );
+    refreshed(&s.gw, &theirs).await;
+
+    // A form body works as well as JSON.
+    let (access, mine) = s.gw.user("jon").await;
+    let resp =
+        s.gw.client
+            .post(s.gw.url("/logout"))
+            .bearer_auth(&access)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("refresh_token={mine}"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_revoked(refresh(&s.gw, &mine).await, "form-named refresh token").await;
 }

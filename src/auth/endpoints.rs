@@ -191,30 +191,44 @@ impl Auth {
                 Ok((token_response(&pair), Some(creds.username)))
             }
             Endpoint::Logout => {
-                let all = request
-                    .uri()
-                    .query()
-                    .is_some_and(|q| q.split('&').any(|p| p == "all=true"));
+                let all = request.uri().query().is_some_and(|q| {
+                    q.split('&')
+                        .any(|p| p.eq_ignore_ascii_case("all=true") || p == "all=1")
+                });
                 let claims = self
                     .authenticate(policy, request.headers(), TokenType::Access)
                     .await?;
-                // A refresh token named in the body (`{"refresh_token": ...}`) goes too, so
-                // the client cannot silently mint new access tokens after logging out.
-                let refresh = read_refresh_token(request, limits).await?;
-                if let Some(refresh) = refresh {
-                    let refresh = tokens.verify(&refresh, TokenType::Refresh)?;
-                    if refresh.sub != claims.sub {
-                        return Err(RequestError::InvalidToken("Refresh token of another user"));
+                if claims.external {
+                    // Another issuer's sessions end at that issuer; keycard can only refuse
+                    // this one token, and only by its `jti`.
+                    if all {
+                        return Err(RequestError::BadRequest(
+                            "all=true is for keycard's own users; end other sessions at their issuer".into(),
+                        ));
                     }
-                    self.store
-                        .revoke(&refresh.jti, tokens.revocation_ttl(&refresh))
-                        .await?;
+                    if claims.jti.is_empty() {
+                        return Err(RequestError::BadRequest(
+                            "This token has no jti, so it cannot be revoked".into(),
+                        ));
+                    }
                 }
                 self.store
                     .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?;
                 if all {
                     self.store.end_all_sessions(&claims.sub).await?;
+                }
+                // A refresh token named in the body (`refresh_token`, JSON or form) goes too,
+                // so the client cannot mint new access tokens after logging out. Anything else
+                // in the body (another user's token, a malformed body) is ignored: the logout
+                // itself has happened.
+                if let Some(refresh) = read_refresh_token(request, limits).await
+                    && let Ok(refresh) = tokens.verify(&refresh, TokenType::Refresh)
+                    && refresh.sub == claims.sub
+                {
+                    self.store
+                        .revoke(&refresh.jti, tokens.revocation_ttl(&refresh))
+                        .await?;
                 }
                 Ok((
                     body::json_msg(StatusCode::OK, "Token revoked"),
@@ -248,8 +262,10 @@ impl Auth {
                     .get_user(&claims.sub)
                     .await?
                     .ok_or(RequestError::InvalidToken("User not found"))?;
+                // The token's own generation, not the store's: a refresh racing
+                // `/logout?all=true` must not mint a pair that outlives it.
                 let session = Session {
-                    generation: self.store.generation(&claims.sub).await?,
+                    generation: claims.generation,
                     family: claims.family.clone(),
                 };
                 let pair = tokens.issue_pair(&claims.sub, &user.roles, &session)?;
@@ -394,25 +410,26 @@ async fn read_credentials(
     })
 }
 
-/// `refresh_token` from a `/logout` body, if there is one: a JSON object is read only when
-/// the request says it sends one, with the auth-body limits.
+/// `refresh_token` from a `/logout` body (JSON or form), if there is one and it can be read
+/// within the auth-body limits; `None` for anything else.
 async fn read_refresh_token(
     request: Request<Incoming>,
     limits: &crate::policy::Limits,
-) -> Result<Option<String>, RequestError> {
-    if !matches!(format(request.headers()), Ok(Format::Json)) {
-        return Ok(None);
-    }
-    let bytes = read_body(request, limits.max_auth_body, limits.body_read_timeout).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| bad("Malformed JSON body"))?;
-    match value.get("refresh_token") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(token)) => Ok(Some(token.clone())),
-        Some(_) => Err(bad("Field 'refresh_token' must be a string")),
+) -> Option<String> {
+    let format = format(request.headers()).ok()?;
+    let bytes = read_body(request, limits.max_auth_body, limits.body_read_timeout)
+        .await
+        .ok()?;
+    match format {
+        Format::Json => {
+            let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            value.get("refresh_token")?.as_str().map(str::to_owned)
+        }
+        Format::Form => serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| k == "refresh_token")
+            .map(|(_, v)| v),
     }
 }
 

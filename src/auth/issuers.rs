@@ -17,7 +17,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::time::Instant;
 
@@ -138,6 +137,7 @@ impl Issuer {
         validation.algorithms = vec![header.alg];
         validation.set_issuer(&[self.config.issuer.as_str()]);
         validation.leeway = leeway;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "iss"];
         match &self.config.audience {
             Some(aud) => {
@@ -175,6 +175,15 @@ impl Issuer {
             .map_or(0, |d| d.as_secs());
         if now >= exp.saturating_add(leeway) {
             return Err(TokenError::Expired);
+        }
+        // `nbf` and `iat` when present: numbers, and not in the future.
+        for name in ["nbf", "iat"] {
+            match &claims[name] {
+                serde_json::Value::Null => {}
+                v if v.as_u64().is_some_and(|t| t <= now.saturating_add(leeway)) => {}
+                serde_json::Value::Number(_) => return Err(invalid("Token not yet valid")),
+                _ => return Err(invalid("Invalid token")),
+            }
         }
         let roles = (claims["roles"].as_array().into_iter().flatten())
             .filter_map(|r| r.as_str())
@@ -270,9 +279,20 @@ impl Issuer {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
-        let keys = set
+        // Key by key: one key of a type keycard does not know (an encryption key, a new `kty`)
+        // is skipped, not a reason to refuse the whole set (RFC 7517 §5).
+        #[derive(serde::Deserialize)]
+        struct RawSet {
+            keys: Vec<serde_json::Value>,
+        }
+        let set: RawSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let jwks: Vec<jsonwebtoken::jwk::Jwk> = set
             .keys
+            .into_iter()
+            .filter(|k| k.get("use").is_none_or(|u| u == "sig"))
+            .filter_map(|k| serde_json::from_value(k).ok())
+            .collect();
+        let keys = jwks
             .iter()
             .filter_map(|jwk| {
                 let alg = jwk_algorithm(jwk)?;

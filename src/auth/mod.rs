@@ -105,9 +105,9 @@ impl Auth {
     ) -> Result<Identity, RequestError> {
         let claims = match route.policy {
             AuthMode::Public => return Ok(Identity::Anonymous),
-            AuthMode::Optional if !headers.contains_key(header::AUTHORIZATION) => {
-                return Ok(Identity::Anonymous);
-            }
+            // Flask-JWT-Extended's `optional=True`: no bearer token is no identity; another
+            // scheme (`Basic`, meant for someone else) is not a token either.
+            AuthMode::Optional if !has_bearer(headers) => return Ok(Identity::Anonymous),
             AuthMode::Optional | AuthMode::Required => {
                 self.authenticate(policy, headers, TokenType::Access)
                     .await?
@@ -132,15 +132,25 @@ impl Auth {
         headers: &HeaderMap,
         trusted: bool,
     ) -> Result<(Identity, Arc<str>), RequestError> {
-        let original = ["x-forwarded-uri", "x-original-uri"]
+        // Every value of both headers must agree: a proxy sets one, but passes the client's
+        // copy of the other along, and that copy must never be the one that counts.
+        let mut values = ["x-forwarded-uri", "x-original-uri"]
             .iter()
-            .find_map(|name| headers.get(*name))
+            .flat_map(|name| headers.get_all(*name).iter());
+        let first = values
+            .next()
             .filter(|_| trusted)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|uri| uri.parse::<http::Uri>().ok())
             .ok_or(RequestError::Forbidden(
                 "Missing or untrusted X-Forwarded-Uri",
             ))?;
+        if values.any(|v| v != first) {
+            return Err(RequestError::Forbidden(
+                "Conflicting X-Forwarded-Uri and X-Original-URI",
+            ));
+        }
+        let original = (first.to_str().ok())
+            .and_then(|uri| uri.parse::<http::Uri>().ok())
+            .ok_or(RequestError::Forbidden("Invalid X-Forwarded-Uri"))?;
         let path = crate::routes::canonicalize(original.path())
             .map_err(|_| RequestError::Forbidden("Invalid path"))?;
         let route = (policy.routes.find(&path)).ok_or(RequestError::Forbidden("No route"))?;
@@ -193,6 +203,15 @@ pub async fn verify_any(
             .await;
     }
     policy.tokens.verify(token, expected)
+}
+
+/// Whether `headers` carry an `Authorization: Bearer ...` (scheme case-insensitive).
+fn has_bearer(headers: &HeaderMap) -> bool {
+    headers.get_all(header::AUTHORIZATION).iter().any(|v| {
+        v.as_bytes()
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "))
+    })
 }
 
 /// The `iss` of a JWT's payload, unverified.

@@ -489,7 +489,13 @@ impl Store {
 
     /// Revokes a `jti` for `ttl` (the token's remaining life). Returns false when it was
     /// already revoked, which makes refresh-token rotation single-use even under a race.
+    ///
+    /// An empty `jti` (another issuer's token without one) revokes nothing: `revoked:` alone
+    /// would otherwise stand for every such token at once.
     pub async fn revoke(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
+        if jti.is_empty() {
+            return Ok(false);
+        }
         self.set_nx(&self.key("revoked:", jti), "1", Some(ttl))
             .await
     }
@@ -506,12 +512,11 @@ impl Store {
         generation: u64,
         family: &str,
     ) -> Result<bool, StoreError> {
-        let jti_key = match jti {
-            Some(jti) => self.key("revoked:", jti),
-            // A key no token has: `revoked:` followed by nothing.
-            None => self.key("revoked:", ""),
-        };
-        let mut keys = vec![jti_key, self.key("generation:", user)];
+        // generation first, then the others that apply: any of them present means revoked.
+        let mut keys = vec![self.key("generation:", user)];
+        if let Some(jti) = jti.filter(|j| !j.is_empty()) {
+            keys.push(self.key("revoked:", jti));
+        }
         if !family.is_empty() {
             keys.push(self.key("family:", family));
         }
@@ -524,12 +529,10 @@ impl Store {
             }
         };
         let current: u64 = values
-            .get(1)
+            .first()
             .and_then(|v| v.as_deref()?.parse().ok())
             .unwrap_or(0);
-        Ok(values.first().is_some_and(Option::is_some)
-            || current > generation
-            || values.get(2).is_some_and(Option::is_some))
+        Ok(current > generation || values.iter().skip(1).any(Option::is_some))
     }
 
     /// Replaces `username`'s roles; false when there is no such user. (Read, change, write:
