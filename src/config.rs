@@ -686,7 +686,10 @@ impl Config {
             .map(|(name, _)| *name)
             .collect::<Vec<_>>()
             .join(",");
-            let auth = format!("{:?}", r.auth).to_lowercase();
+            let mut auth = format!("{:?}", r.auth).to_lowercase();
+            if !r.roles.is_empty() {
+                auth = format!("{auth} (roles {})", r.roles.join(","));
+            }
             let flags = if flags.is_empty() { "-".into() } else { flags };
             [r.path.clone(), auth, r.upstream.to_string(), flags]
         }));
