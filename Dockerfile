@@ -6,7 +6,8 @@
 #   docker run --rm -p 8080:8080 -p 9901:9901 -e KEYCARD_SECRET="$(openssl rand -base64 48)" keycard
 #
 # The runtime image is distroless (glibc + libgcc, no shell, no package manager) and runs as
-# uid 65532. keycard needs nothing else: its crypto is pure Rust, there is no OpenSSL.
+# uid 65532. keycard needs nothing else: no OpenSSL (token crypto is RustCrypto; fetching
+# [[issuers]] JWKS over https is rustls with ring and the Mozilla roots compiled in).
 
 # ---------------------------------------------------------------------------- build
 FROM rust:1-slim-bookworm AS build
