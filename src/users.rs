@@ -21,6 +21,9 @@ pub enum UserError {
     /// A role name breaks the rule.
     #[error("invalid role {0:?}: 1 to 64 characters of A-Z a-z 0-9 . _ : -")]
     InvalidRole(String),
+    /// More roles than a token should carry.
+    #[error("at most {MAX_ROLES} roles per user")]
+    TooManyRoles,
     /// `add` for a name that is taken.
     #[error("user {0:?} already exists")]
     Exists(String),
@@ -134,17 +137,21 @@ fn username(name: &str) -> Result<String, UserError> {
     }
 }
 
+/// The most roles a user may have: every token carries them all, and one that no longer
+/// fits a header limit would lock the user out.
+const MAX_ROLES: usize = 32;
+
 fn check_roles(roles: &[String]) -> Result<(), UserError> {
+    if roles.len() > MAX_ROLES {
+        return Err(UserError::TooManyRoles);
+    }
     match roles.iter().find(|r| !is_valid_role(r)) {
         Some(bad) => Err(UserError::InvalidRole(bad.clone())),
         None => Ok(()),
     }
 }
 
+/// Roles comma-separated; none is an empty string in `list` (a role may be named `-`).
 fn show(roles: &[String]) -> String {
-    if roles.is_empty() {
-        "-".to_owned()
-    } else {
-        roles.join(",")
-    }
+    roles.join(",")
 }

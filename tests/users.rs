@@ -108,6 +108,11 @@ async fn operators_manage_users_and_the_gateway_sees_it() {
     }
     let (ok, _, err) = user(&["roles", "bob", "bad role"], "");
     assert!(!ok && err.contains("invalid role"), "{err}");
+    let many: Vec<String> = (0..33).map(|i| format!("r{i}")).collect();
+    let mut args = vec!["roles", "bob"];
+    args.extend(many.iter().map(String::as_str));
+    let (ok, _, err) = user(&args, "");
+    assert!(!ok && err.contains("at most 32 roles"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
