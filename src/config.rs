@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// `server.shutdown_timeout`: how long in-flight requests may drain.
     #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
     pub shutdown_timeout: Duration,
+    /// `server.workers` (default: the number of CPUs): the runtime's worker threads, so a
+    /// benchmark can give keycard as many as nginx has worker processes. Needs a restart.
+    #[serde(deserialize_with = "int::<_, _, 1, 1024>")]
+    pub workers: usize,
     /// `server.max_connections`: accepted connections beyond this wait.
     #[serde(deserialize_with = "int::<_, _, 1, U32>")]
     pub max_connections: usize,
@@ -124,6 +128,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_connections: 10_000,
             max_header_bytes: 32 * 1024,
             max_target_bytes: 8 * 1024,

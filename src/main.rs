@@ -78,7 +78,8 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            block_on(async move {
+            let workers = config.server.workers;
+            block_on_with(workers, async move {
                 let listeners = keycard::Listeners {
                     server: bind(config.server.listen, "server.listen").await?,
                     admin: bind(config.admin.listen, "admin.listen").await?,
@@ -198,7 +199,17 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
 }
 
 fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    block_on_with(workers, task)
+}
+
+/// Runs `task` on a multi-threaded runtime with `workers` worker threads.
+fn block_on_with(
+    workers: usize,
+    task: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

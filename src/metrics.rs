@@ -89,6 +89,16 @@ impl Metrics {
             "When the config in force was loaded (Unix time): at startup, then at each good reload",
             last_reload_success.clone(),
         );
+        // The runtime this process runs on, when there is one (`server.workers`).
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let workers = Gauge::<i64>::default();
+            workers.set(i64::try_from(handle.metrics().num_workers()).unwrap_or(i64::MAX));
+            registry.register(
+                "runtime_workers",
+                "Worker threads of the async runtime (server.workers)",
+                workers,
+            );
+        }
         let metrics = Metrics {
             registry,
             requests,

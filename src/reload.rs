@@ -173,6 +173,7 @@ fn keep_restart_keys(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("store", store);
     keep!("passwords", passwords);
     keep!("server.max_connections", server.max_connections);
+    keep!("server.workers", server.workers);
     keep!("server.header_read_timeout", server.header_read_timeout);
     keep!("server.h2_idle_timeout", server.h2_idle_timeout);
     keep!("server.shutdown_timeout", server.shutdown_timeout);

@@ -562,7 +562,10 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
         let (mut child, guard, port) = loop {
             attempt += 1;
             let (port, admin_port) = (free_port(), free_port());
-            let toml = GatewayOpts::new("memory://", &upstream.url())
+            let mut opts = GatewayOpts::new("memory://", &upstream.url());
+            // server.workers sizes the runtime (seen in /metrics below).
+            opts.server.workers = 3;
+            let toml = opts
                 .to_toml()
                 .replace("127.0.0.1:1\"", &format!("127.0.0.1:{port}\""))
                 .replace("127.0.0.1:2\"", &format!("127.0.0.1:{admin_port}\""));
@@ -590,6 +593,15 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
                     .send()
                     .await;
                 if matches!(&r, Ok(resp) if resp.status() == 200) {
+                    let metrics = client
+                        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .text()
+                        .await
+                        .unwrap();
+                    assert!(metrics.contains("keycard_runtime_workers 3"), "{metrics}");
                     break true;
                 }
                 if let Ok(Some(status)) = child.try_wait() {

@@ -628,7 +628,7 @@ impl GatewayOpts {
         };
         let mut out = format!(
             "[server]\nlisten = {}\ntrusted_proxies = {}\nheader_read_timeout = {}\n\
-             shutdown_timeout = {}\nmax_connections = {}\nmax_header_bytes = {}\n\
+             shutdown_timeout = {}\nworkers = {}\nmax_connections = {}\nmax_header_bytes = {}\n\
              max_target_bytes = {}\nmax_auth_body_bytes = {}\nupgrade_recheck = {}\n\
              upgrade_protocols = {}\nbody_read_timeout = {}\nbody_idle_timeout = {}\n\
              h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
@@ -645,6 +645,7 @@ impl GatewayOpts {
             list(s.trusted_proxies.iter().map(|n| n.to_string()).collect()),
             ms(s.header_read_timeout),
             ms(s.shutdown_timeout),
+            s.workers,
             s.max_connections,
             s.max_header_bytes,
             s.max_target_bytes,
