@@ -114,8 +114,7 @@ impl Auth {
             }
         };
         // Any one of the route's roles; checked after revocation, so a revoked token is 401.
-        let roles = &route.config.roles;
-        if !roles.is_empty() && !claims.roles.iter().any(|r| roles.contains(r)) {
+        if !has_a_role(route, &claims) {
             return Err(RequestError::Forbidden("Forbidden"));
         }
         Ok(Identity::User(claims))
@@ -167,14 +166,7 @@ impl Auth {
         expected: TokenType,
     ) -> Result<Claims, RequestError> {
         let claims = verify_any(policy, bearer_token(headers)?, expected).await?;
-        if self
-            .store
-            .is_revoked(
-                Some(&claims.jti),
-                &claims.sub,
-                claims.generation,
-                &claims.family,
-            )
+        if is_revoked(&self.store, &claims)
             .await
             .map_err(RequestError::StoreUnavailable)?
         {
@@ -203,6 +195,18 @@ pub async fn verify_any(
             .await;
     }
     policy.tokens.verify(token, expected)
+}
+
+/// Whether `claims` may pass `route`'s `roles`: any one of them, or none required.
+fn has_a_role(route: &Route, claims: &Claims) -> bool {
+    let roles = &route.config.roles;
+    roles.is_empty() || claims.roles.iter().any(|r| roles.contains(r))
+}
+
+/// The token's revocation, its user's generation and its refresh family, in one store call.
+async fn is_revoked(store: &Store, claims: &Claims) -> Result<bool, store::StoreError> {
+    let (jti, sub, family) = (Some(claims.jti.as_str()), &claims.sub, &claims.family);
+    store.is_revoked(jti, sub, claims.generation, family).await
 }
 
 /// Whether `headers` carry an `Authorization: Bearer ...` (scheme case-insensitive).
@@ -349,20 +353,10 @@ impl SessionWatch {
             Err(_) => return Some("token no longer valid"),
         };
         self.ends_at = Some(policy.tokens.accepted_until(&claims));
-        let roles = &route.config.roles;
-        if !roles.is_empty() && !claims.roles.iter().any(|r| roles.contains(r)) {
+        if !has_a_role(route, &claims) {
             return Some("token lacks the route's roles");
         }
-        match self
-            .store
-            .is_revoked(
-                Some(&claims.jti),
-                &claims.sub,
-                claims.generation,
-                &claims.family,
-            )
-            .await
-        {
+        match is_revoked(&self.store, &claims).await {
             Ok(false) => None,
             Ok(true) => Some("token revoked"),
             Err(error) => {
