@@ -91,6 +91,12 @@ impl Issuers {
         Issuers { issuers }
     }
 
+    /// Whether no `[[issuers]]` are configured (then no token's payload is looked at
+    /// before verification).
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
     /// Whether `iss` is one of these issuers.
     pub fn knows(&self, iss: &str) -> bool {
         self.issuers.iter().any(|i| i.config.issuer == iss)
