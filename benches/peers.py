@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--idle-conns", type=int, default=1000)
     ap.add_argument("--login-secs", type=int, default=10)
+    ap.add_argument("--compare", help="a second keycard binary, measured as keycard-b")
     ap.add_argument("--only", default="", help="comma-separated peers to run (default all)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
@@ -225,7 +226,7 @@ http {{
 def run(args, work, spawn):
     W = args.workers
     up_port, ngx_port, ha_port = free_port(), free_port(), free_port()
-    kc_port, kc_admin, redis_port = free_port(), free_port(), free_port()
+    redis_port = free_port()
     secret = secrets.token_hex(32)
 
     # The upstream: nginx return 200, one worker per core so it is never the bottleneck,
@@ -284,14 +285,19 @@ backend be
                    "--save", "", "--appendonly", "no"], "redis.out")
     wait_port(redis_port, redis, "redis-server")
 
-    kc_conf = os.path.join(work, "keycard.toml")
-    with open(kc_conf, "w") as f:
-        f.write(f"""[server]
-listen = "127.0.0.1:{kc_port}"
+    env = dict(os.environ)
+    env.setdefault("KEYCARD_LOG", "info")
+
+    def start_keycard(name, binary):
+        port, admin = free_port(), free_port()
+        conf = os.path.join(work, f"{name}.toml")
+        with open(conf, "w") as f:
+            f.write(f"""[server]
+listen = "127.0.0.1:{port}"
 workers = {W}
 max_connections = 20000
 [admin]
-listen = "127.0.0.1:{kc_admin}"
+listen = "127.0.0.1:{admin}"
 [store]
 url = "redis://127.0.0.1:{redis_port}/0"
 [tokens]
@@ -309,10 +315,13 @@ path = "/"
 upstream = "http://127.0.0.1:{up_port}"
 auth = "required"
 """)
-    env = dict(os.environ)
-    env.setdefault("KEYCARD_LOG", "info")
-    kc = spawn([args.keycard, "--config", kc_conf], "keycard.log", env=env)
-    wait_port(kc_port, kc, "keycard")
+        proc = spawn([binary, "--config", conf], f"{name}.log", env=env)
+        wait_port(port, proc, name)
+        return proc, port
+
+    kc, kc_port = start_keycard("keycard", args.keycard)
+    if args.compare:
+        kc_b, kc_b_port = start_keycard("keycard-b", args.compare)
 
     base = f"http://127.0.0.1:{kc_port}"
     body = json.dumps({"username": "bench", "password": "bench-password-1"}).encode()
@@ -338,6 +347,10 @@ auth = "required"
              f"http://127.0.0.1:{kc_port}/", lambda: [kc.pid], [auth],
              side_pids_fn=lambda: [redis.pid]),
     ]
+    if args.compare:
+        peers.append(Peer("keycard-b", f"keycard-b ({args.compare})",
+                          f"http://127.0.0.1:{kc_b_port}/", lambda: [kc_b.pid], [auth],
+                          side_pids_fn=lambda: [redis.pid]))
     only = {p for p in args.only.split(",") if p}
     if only:
         peers = [p for p in peers if p.name in only or p.name == "nginx"]
@@ -371,7 +384,7 @@ auth = "required"
     for p in peers:
         rps, p50, p99 = med(p.runs, "rps"), med(p.runs, "p50"), med(p.runs, "p99")
         cpu, side, rss = med(p.runs, "cpu_us"), med(p.runs, "side_us"), med(p.runs, "rss_mib")
-        name = f"**{p.label}**" if p.name == "keycard" else p.label
+        name = f"**{p.label}**" if p.name.startswith("keycard") else p.label
         side_s = f"{side:.1f}" if side is not None else "–"
         print(f"| {name} | {rps:,.0f} | {rps / n_rps:.2f} | {p50:.2f} | {p99:.2f} | "
               f"{p99 / n_p99:.2f} | {cpu:.1f} | {cpu / n_cpu:.2f} | {side_s} | {rss:.0f} |")

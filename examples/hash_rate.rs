@@ -13,8 +13,16 @@ use keycard::config::PasswordConfig;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).clamp(1, 64);
-    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10).clamp(1, 120);
+    let threads: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 64);
+    let seconds: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10)
+        .clamp(1, 120);
     let c = PasswordConfig::default();
     let params = Params::new(c.memory_kib, c.iterations, c.parallelism, None).expect("params");
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);

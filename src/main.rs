@@ -10,6 +10,13 @@ use clap::{Parser, Subcommand};
 use keycard::config::Config;
 use tokio::net::TcpListener;
 
+/// mimalloc instead of glibc's malloc: the proxy path allocates and frees many small buffers
+/// per request, and glibc spent about 14% of keycard's CPU there (including
+/// `malloc_consolidate`) under `scripts/bench.sh`. mimalloc also returns argon2's large
+/// per-hash buffers to the OS once freed, as the glibc `M_MMAP_THRESHOLD` setting did.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EX_USAGE from sysexits.h: the config (the "usage") is wrong.
 const EXIT_CONFIG: u8 = 64;
 
@@ -70,7 +77,6 @@ enum UserCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    return_large_allocations_to_the_os();
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => {
@@ -78,11 +84,13 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            let workers = config.server.workers;
-            block_on_with(workers, async move {
+            block_on(async move {
                 let listeners = keycard::Listeners {
-                    server: bind(config.server.listen, "server.listen").await?,
-                    admin: bind(config.admin.listen, "admin.listen").await?,
+                    server: bind_shared(config.server.listen)
+                        .map_err(|e| listen_error("server.listen", config.server.listen, e))?,
+                    admin: TcpListener::bind(config.admin.listen)
+                        .await
+                        .map_err(|e| listen_error("admin.listen", config.admin.listen, e))?,
                 };
                 let reload = keycard::reload::ReloadSource {
                     path: cli.config.clone(),
@@ -192,24 +200,30 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("{key} = \"{addr}\": cannot listen: {e}"))
+fn listen_error(key: &str, addr: SocketAddr, e: std::io::Error) -> String {
+    format!("{key} = \"{addr}\": cannot listen: {e}")
 }
 
+/// The public listener, with `SO_REUSEPORT` so that each worker's event loop can open its own
+/// socket on the same address (see `keycard::server`).
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(keycard::server::LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Runs `task` on the calling thread's single-threaded runtime: the first event loop (the
+/// gateway starts the other `server.workers - 1` itself), or a CLI command's.
 fn block_on(task: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    block_on_with(workers, task)
-}
-
-/// Runs `task` on a multi-threaded runtime with `workers` worker threads.
-fn block_on_with(
-    workers: usize,
-    task: impl std::future::Future<Output = Result<(), String>>,
-) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -228,25 +242,6 @@ fn block_on_with(
         }
     }
 }
-
-/// Every argon2 hash allocates its whole working memory (19 MiB with the default cost) on a
-/// blocking-pool thread. glibc's malloc raises its mmap threshold after the first such buffer
-/// is freed and from then on serves them from per-thread arenas that it keeps: a few dozen
-/// logins left the process holding 500-850 MiB for good (measured by `scripts/soak.sh`).
-/// A fixed threshold makes every allocation of 1 MiB or more its own mapping, returned to the
-/// OS when freed; the cost is a fresh mapping per hash, small next to the hash itself.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_large_allocations_to_the_os() {
-    // SAFETY: mallopt only changes allocator tuning; it is called once, before any other
-    // thread exists, with a documented parameter and value.
-    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
-    if ok != 1 {
-        tracing::warn!("mallopt(M_MMAP_THRESHOLD) failed; memory use after logins may stay high");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_large_allocations_to_the_os() {}
 
 /// `KEYCARD_LOG` (EnvFilter syntax, default `info`) and `KEYCARD_LOG_FORMAT=json`, to stderr.
 fn init_logging() {

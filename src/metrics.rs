@@ -46,6 +46,7 @@ pub struct Metrics {
     auth_failures: Family<FailureLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
+    workers: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,16 +90,12 @@ impl Metrics {
             "When the config in force was loaded (Unix time): at startup, then at each good reload",
             last_reload_success.clone(),
         );
-        // The runtime this process runs on, when there is one (`server.workers`).
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let workers = Gauge::<i64>::default();
-            workers.set(i64::try_from(handle.metrics().num_workers()).unwrap_or(i64::MAX));
-            registry.register(
-                "runtime_workers",
-                "Worker threads of the async runtime (server.workers)",
-                workers,
-            );
-        }
+        let workers = Gauge::<i64>::default();
+        registry.register(
+            "runtime_workers",
+            "Event loops serving the public listener (server.workers)",
+            workers.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -106,6 +103,7 @@ impl Metrics {
             auth_failures,
             reloads,
             last_reload_success,
+            workers,
         };
         metrics.last_reload_success.set(unix_now());
         // Both series exist from the start, so `increase(...)` sees the first error too.
@@ -113,6 +111,11 @@ impl Metrics {
             let _ = metrics.reloads.get_or_create(&ReloadLabels { result });
         }
         metrics
+    }
+
+    /// Records how many event loops serve the public listener (`server.workers`).
+    pub fn set_workers(&self, workers: usize) {
+        self.workers.set(i64::try_from(workers).unwrap_or(i64::MAX));
     }
 
     /// Counts one answered request.
