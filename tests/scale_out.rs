@@ -6,11 +6,103 @@
 
 mod support;
 
-use std::process::Command;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use serde_json::json;
 use support::*;
+
+/// The `keycard` binary as its own process, on its own config file and free loopback ports;
+/// killed (SIGKILL) and its folder removed on drop. For what one process cannot show: several
+/// gateways sharing a store. (Here, not in the kit: `examples/` include the kit, and only
+/// integration tests know where the binary is.)
+struct KeycardProcess {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    client: reqwest::Client,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl KeycardProcess {
+    /// Starts `keycard --config FILE` with `opts` and waits (bounded) for `/healthz`. A port
+    /// that was free a moment ago may be taken before keycard binds it; then it tries again
+    /// with new ones.
+    async fn start(opts: &GatewayOpts) -> KeycardProcess {
+        let dir = std::env::temp_dir().join(format!("keycard-proc-{}", random_jti()));
+        std::fs::create_dir_all(&dir).expect("create the process's folder");
+        let path = dir.join("keycard.toml");
+        let client = http_client();
+        for attempt in 1..=5 {
+            let (port, admin_port) = (free_port(), free_port());
+            let toml = opts
+                .to_toml()
+                .replace("127.0.0.1:1\"", &format!("127.0.0.1:{port}\""))
+                .replace("127.0.0.1:2\"", &format!("127.0.0.1:{admin_port}\""));
+            std::fs::write(&path, toml).expect("write the config");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_keycard"))
+                .arg("--config")
+                .arg(&path)
+                .env_remove("KEYCARD_CONFIG")
+                .env_remove("KEYCARD_LOG_FORMAT")
+                .env("KEYCARD_SECRET", SECRET)
+                .env("KEYCARD_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn keycard");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let r = client
+                    .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if matches!(&r, Ok(resp) if resp.status() == 200) {
+                    return KeycardProcess {
+                        addr: ([127, 0, 0, 1], port).into(),
+                        admin: ([127, 0, 0, 1], admin_port).into(),
+                        client,
+                        child,
+                        dir,
+                    };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut stderr) = child.stderr.take() {
+                        let _ = stderr.read_to_string(&mut err);
+                    }
+                    if err.contains("cannot listen") && attempt < 5 {
+                        break;
+                    }
+                    panic!("keycard exited early ({status}):\n{err}");
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("keycard never answered /healthz within 15s: {r:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        panic!("keycard could not bind free ports in 5 attempts");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for KeycardProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// A gateway's base URL and a client: the same calls for an in-process [`Gateway`] and a
 /// [`KeycardProcess`].
@@ -246,6 +338,18 @@ async fn two_gateways_share_one_redis() {
     let opts = GatewayOpts::new(&redis.url(), &upstream.url());
     let a = KeycardProcess::start(&opts).await;
     let b = KeycardProcess::start(&opts).await;
+    for p in [&a, &b] {
+        let ready = p
+            .client
+            .get(format!("http://{}/readyz", p.admin))
+            .send()
+            .await;
+        assert_eq!(
+            ready.map(|r| r.status().as_u16()).ok(),
+            Some(200),
+            "/readyz"
+        );
+    }
     let (a, b) = (Http::of_process(&a), Http::of_process(&b));
 
     assert_eq!(a.register("carol").await, 201);
@@ -341,4 +445,43 @@ async fn a_master_fails_over_and_the_flow_resumes() {
         Some(200),
         "/readyz"
     );
+}
+
+/// keycard starts while its cluster is still being set up (nodes up, no slots served): it
+/// answers 503 for anything that needs the store, and works once the cluster is joined,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_before_its_cluster_works_once_the_cluster_is_up() {
+    let cluster = RedisCluster::unjoined(3, 5000);
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOpts::new(&cluster.url(), &upstream.url())).await;
+    let http = Http::of(&gw);
+    let ready = gw.client.get(gw.admin_url("/readyz")).send().await;
+    assert_eq!(
+        ready.map(|r| r.status().as_u16()).ok(),
+        Some(503),
+        "/readyz"
+    );
+    let f = failure(http.login_raw("erin", PASSWORD).await).await;
+    assert_eq!(
+        (f.status, f.msg.as_str()),
+        (503, "Authentication store unavailable")
+    );
+
+    cluster.join(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = gw.client.get(gw.admin_url("/readyz")).send().await;
+        if ready.map(|r| r.status().as_u16()).ok() == Some(200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never 200 after the join"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(http.register("erin").await, 201);
+    let (access, _) = http.login("erin").await;
+    assert_passes(&http, &access, "erin").await;
 }

@@ -1,9 +1,10 @@
 //! Store: where users, revocations and the login throttle's counters live.
 //!
-//! One type, two backends: Redis for anything shared between replicas, and an embedded map
-//! (`memory://`) for `keycard dev` and single-instance use. This is the only file that knows
-//! Redis exists. Every operation is one round trip and is bounded by `store.timeout`, so a hung
-//! Redis turns into a quick 503 instead of a hung request.
+//! One type, three backends: standalone Redis and Redis Cluster (`redis+cluster://`) for
+//! anything shared between replicas, and an embedded map (`memory://`) for `keycard dev` and
+//! single-instance use. This is the only file that knows Redis exists. Every operation is one
+//! round trip (on a cluster the throttle's are one per subject, see [`Store::groups`]) and is
+//! bounded by `store.timeout`, so a hung Redis turns into a quick 503 instead of a hung request.
 //!
 //! Key layout (all under `store.prefix`, default `keycard:`):
 //! - `<prefix>generation:<username>` — integer, the user's session generation; `INCR` by
@@ -16,6 +17,14 @@
 //!   counters (`INCR`), expiring at the end of their window.
 //! - `<prefix>throttle:pending:user:<username>` and `<prefix>throttle:pending:addr:<ip>` —
 //!   attempts in flight, given back when each ends (see [`Subject`]).
+//!
+//! On a Redis Cluster, and only there, the username or address in the `user:`,
+//! `generation:` and `throttle:` keys is a hash tag: `<prefix>user:{alice}`,
+//! `<prefix>throttle:pending:addr:{10.0.0.7}` (see [`Store::tagged_key`]), so the keys one
+//! script touches share a slot. `revoked:<jti>` (the contract's name: operators write it with
+//! `redis-cli`) and `family:<id>` are unchanged. Standalone Redis keeps exactly the names
+//! above, so existing deployments need no migration; a cluster deployment is new and starts
+//! without keys, so there are no untagged ones to move.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,6 @@
 //!   stopped and started again on the same port to simulate an outage.
 //! - [`RedisCluster`]: a real Redis Cluster (3 masters, optionally a replica each) of
 //!   `redis-server --cluster-enabled yes` processes on loopback ports, killed on drop.
-//! - [`KeycardProcess`]: the `keycard` binary as its own process, killed on drop.
 //! - [`Upstream`]: an echo server (hyper 1.x) that answers every request with a JSON
 //!   description of what it received and records each request, so tests can prove the
 //!   upstream was *not* reached.
@@ -295,19 +294,33 @@ impl RedisCluster {
     /// `cluster_state:ok` (and every replica is in sync). `node_timeout_ms` is
     /// `cluster-node-timeout`: how soon a silent master is failed over.
     pub fn new(replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let cluster = RedisCluster::unjoined(3 * (1 + replicas), node_timeout_ms);
+        cluster.join(replicas);
+        cluster
+    }
+
+    /// `nodes` cluster-enabled servers, running but not yet joined: no slot is served, as
+    /// while a cluster is being set up. [`RedisCluster::join`] makes them a cluster.
+    pub fn unjoined(nodes: usize, node_timeout_ms: u64) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("keycard-cluster-{}", random_jti()));
         std::fs::create_dir_all(&dir).expect("create the cluster's folder");
         let mut cluster = RedisCluster {
             dir,
             nodes: Vec::new(),
         };
-        for _ in 0..3 * (1 + replicas) {
+        for _ in 0..nodes {
             let node = cluster.start_node(node_timeout_ms);
             cluster.nodes.push(node);
         }
+        cluster
+    }
+
+    /// Joins the nodes with `redis-cli --cluster create` (`replicas` per master) and waits
+    /// until every node reports `cluster_state:ok` and every replica is in sync.
+    pub fn join(&self, replicas: usize) {
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
-        for port in cluster.ports() {
+        for port in self.ports() {
             create.arg(format!("127.0.0.1:{port}"));
         }
         create
@@ -315,10 +328,10 @@ impl RedisCluster {
             .env("REDISCLI_CLUSTER_YES", "1");
         let (ok, out, err) = run_within(&mut create, Duration::from_secs(60));
         assert!(ok, "redis-cli --cluster create failed:\n{out}\n{err}");
-        cluster.wait_ok(&cluster.ports(), Duration::from_secs(30));
+        self.wait_ok(&self.ports(), Duration::from_secs(30));
         if replicas > 0 {
             let deadline = Instant::now() + Duration::from_secs(30);
-            for port in cluster.ports() {
+            for port in self.ports() {
                 loop {
                     let info = redis_cli(port, false, &["INFO", "replication"]);
                     if info.contains("role:master") || info.contains("master_link_status:up") {
@@ -332,7 +345,6 @@ impl RedisCluster {
                 }
             }
         }
-        cluster
     }
 
     /// Starts one node on free ports (the client port and `cluster-port`, its bus), waiting
@@ -1238,95 +1250,6 @@ impl Drop for Gateway {
         if let Some(h) = self.handle.take() {
             h.abort();
         }
-    }
-}
-
-/// The `keycard` binary as its own process, on its own config file and free loopback ports;
-/// killed (SIGKILL) and its folder removed on drop. For what one process cannot show: several
-/// gateways sharing a store.
-pub struct KeycardProcess {
-    pub addr: SocketAddr,
-    pub admin: SocketAddr,
-    pub client: reqwest::Client,
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl KeycardProcess {
-    /// Starts `keycard --config FILE` with `opts` and waits (bounded) for `/healthz`. A port
-    /// that was free a moment ago may be taken before keycard binds it; then it tries again
-    /// with new ones.
-    pub async fn start(opts: &GatewayOpts) -> KeycardProcess {
-        let dir = std::env::temp_dir().join(format!("keycard-proc-{}", random_jti()));
-        std::fs::create_dir_all(&dir).expect("create the process's folder");
-        let path = dir.join("keycard.toml");
-        let client = http_client();
-        for attempt in 1..=5 {
-            let (port, admin_port) = (free_port(), free_port());
-            let toml = opts
-                .to_toml()
-                .replace("127.0.0.1:1\"", &format!("127.0.0.1:{port}\""))
-                .replace("127.0.0.1:2\"", &format!("127.0.0.1:{admin_port}\""));
-            std::fs::write(&path, toml).expect("write the config");
-            let mut child = Command::new(env!("CARGO_BIN_EXE_keycard"))
-                .arg("--config")
-                .arg(&path)
-                .env_remove("KEYCARD_CONFIG")
-                .env_remove("KEYCARD_LOG_FORMAT")
-                .env("KEYCARD_SECRET", SECRET)
-                .env("KEYCARD_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn keycard");
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let r = client
-                    .get(format!("http://127.0.0.1:{admin_port}/healthz"))
-                    .timeout(Duration::from_secs(1))
-                    .send()
-                    .await;
-                if matches!(&r, Ok(resp) if resp.status() == 200) {
-                    return KeycardProcess {
-                        addr: ([127, 0, 0, 1], port).into(),
-                        admin: ([127, 0, 0, 1], admin_port).into(),
-                        client,
-                        child,
-                        dir,
-                    };
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut stderr) = child.stderr.take() {
-                        let _ = stderr.read_to_string(&mut err);
-                    }
-                    if err.contains("cannot listen") && attempt < 5 {
-                        break;
-                    }
-                    panic!("keycard exited early ({status}):\n{err}");
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("keycard never answered /healthz within 15s: {r:?}");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        panic!("keycard could not bind free ports in 5 attempts");
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-}
-
-impl Drop for KeycardProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
