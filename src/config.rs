@@ -190,6 +190,10 @@ pub enum StoreUrl {
     Memory,
     /// `redis://…`, kept as written (it may carry a password, so `Debug` hides it).
     Redis(String),
+    /// `redis+cluster://host:port,host:port,…`: a Redis Cluster, as the seed nodes' URLs
+    /// (`redis://[user:password@]host:port`), each with the credentials written on it or,
+    /// failing that, the first node's. Any node that answers is enough to find the others.
+    Cluster(Vec<String>),
 }
 
 impl fmt::Debug for StoreUrl {
@@ -197,6 +201,9 @@ impl fmt::Debug for StoreUrl {
         match self {
             StoreUrl::Memory => f.write_str("memory://"),
             StoreUrl::Redis(_) => f.write_str("redis://<redacted>"),
+            StoreUrl::Cluster(nodes) => {
+                write!(f, "redis+cluster://<{} nodes redacted>", nodes.len())
+            }
         }
     }
 }
@@ -670,6 +677,7 @@ impl Config {
         let store = match &self.store.url {
             StoreUrl::Memory => "memory (embedded, single instance)",
             StoreUrl::Redis(_) => "redis",
+            StoreUrl::Cluster(_) => "redis cluster",
         };
         let plural = if self.routes.len() == 1 { "" } else { "s" };
         let mut out = format!(
@@ -818,6 +826,14 @@ impl Reader<'_> {
         self.require("server", &["listen"]);
         self.require("admin", &["listen"]);
         self.require("store", &["url"]);
+        // Hash tags (`{alice}`) pin a user's keys to one cluster slot; a brace in the prefix
+        // would become the tag instead and put every key of every user in one slot.
+        if matches!(c.store.url, StoreUrl::Cluster(_)) && c.store.prefix.contains(['{', '}']) {
+            let message =
+                "must not contain { or } with a redis+cluster:// store (they would be the hash tag)"
+                    .to_owned();
+            self.error_key("store.prefix", message);
+        }
         if c.server.listen == c.admin.listen && self.value_span("admin.listen").is_some() {
             let message = "must differ from server.listen (they are two listeners)".to_owned();
             self.error_key("admin.listen", message);
@@ -1583,12 +1599,16 @@ impl Parse for StoreUrl {
         if s == "memory://" {
             return Ok(StoreUrl::Memory);
         }
+        if let Some(rest) = s.strip_prefix("redis+cluster://") {
+            return cluster_nodes(rest).map(StoreUrl::Cluster);
+        }
         if s.starts_with("rediss://") {
             return Err("rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a local TLS tunnel".to_owned());
         }
         if !s.starts_with("redis://") {
             return Err(
-                "unsupported store URL: expected \"memory://\" or \"redis://…\"".to_owned(),
+                "unsupported store URL: expected \"memory://\", \"redis://…\" or \"redis+cluster://…\""
+                    .to_owned(),
             );
         }
         let uri: http::Uri = s.parse().map_err(|_| {
@@ -1608,6 +1628,53 @@ impl Parse for StoreUrl {
         }
         Ok(StoreUrl::Redis(s.to_owned()))
     }
+}
+
+/// The seed nodes of `redis+cluster://[user:password@]host[:port],…[/0]` (the part after the
+/// scheme) as `redis://` URLs. Credentials written on the first node apply to the others that
+/// have none, so a password is written once. A cluster has only database 0: any other number
+/// is refused here rather than failing every connection later.
+fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
+    const FORM: &str = "expected redis+cluster://[user:password@]host:port,host:port,…";
+    // The path starts at the first `/` after the last `@`: a password's `/` must be
+    // percent-encoded in a URL anyway, but a literal one before the `@` is not the path.
+    let after_credentials = rest.rfind('@').map_or(0, |at| at + 1);
+    let (hosts, db) = match rest[after_credentials..].find('/') {
+        Some(slash) => rest.split_at(after_credentials + slash),
+        None => (rest, ""),
+    };
+    if !matches!(db, "" | "/" | "/0") {
+        return Err(format!(
+            "a Redis Cluster has only database 0 (write /0 or nothing); {FORM}"
+        ));
+    }
+    let mut credentials: Option<&str> = None;
+    let mut nodes = Vec::new();
+    for (i, node) in hosts.split(',').enumerate() {
+        let node = node.trim();
+        let url = match (node.rsplit_once('@'), credentials) {
+            (Some((user, _)), _) if i == 0 => {
+                credentials = Some(user);
+                format!("redis://{node}")
+            }
+            (None, Some(user)) => format!("redis://{user}@{node}"),
+            _ => format!("redis://{node}"),
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| format!("invalid cluster node #{} ({FORM})", i + 1))?;
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("cluster node #{} has no host ({FORM})", i + 1));
+        }
+        if !port_is_valid(&uri) || uri.path() != "/" {
+            return Err(format!(
+                "cluster node #{} has an invalid port (expected 1-65535; {FORM})",
+                i + 1
+            ));
+        }
+        nodes.push(url);
+    }
+    Ok(nodes)
 }
 
 /// For configs built in code (tests, `keycard dev`): the same rules as in a file.
@@ -2298,6 +2365,81 @@ timeout = "2m"
         // The URL (it may carry a password) is not echoed.
         let text = minimal_with("url = \"memory://\"", "url = \"redis://:hunter2@h:x\"");
         assert!(!one_error(&text).to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn cluster_store_url_lists_its_nodes() {
+        let cluster = |url: &str| {
+            let text = minimal_with("url = \"memory://\"", &format!("url = \"{url}\""));
+            parse(&text).map(|c| c.store.url)
+        };
+        let nodes = |list: &[&str]| StoreUrl::Cluster(list.iter().map(|n| n.to_string()).collect());
+        assert_eq!(
+            cluster("redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002").unwrap(),
+            nodes(&[
+                "redis://127.0.0.1:7000",
+                "redis://127.0.0.1:7001",
+                "redis://127.0.0.1:7002"
+            ])
+        );
+        for suffix in ["/", "/0"] {
+            assert_eq!(
+                cluster(&format!("redis+cluster://a:1,b{suffix}")).unwrap(),
+                nodes(&["redis://a:1", "redis://b"])
+            );
+        }
+        // The first node's credentials apply to the nodes without their own.
+        let url = cluster("redis+cluster://u:pw@a:1,b:2,v:other@c:3").unwrap();
+        assert_eq!(
+            url,
+            nodes(&[
+                "redis://u:pw@a:1",
+                "redis://u:pw@b:2",
+                "redis://v:other@c:3"
+            ])
+        );
+        // Debug (and so every log line) never shows a password.
+        assert!(!format!("{url:?}").contains("pw"), "{url:?}");
+        let text = minimal_with(
+            "url = \"memory://\"",
+            "url = \"redis+cluster://:pw@h:7000\"",
+        );
+        let c = parse(&text).unwrap();
+        assert!(!format!("{c:?}").contains("pw@") && !c.describe_routes().contains("pw@"));
+        assert!(c.describe_routes().contains("redis cluster"));
+    }
+
+    #[test]
+    fn bad_cluster_store_url() {
+        for url in [
+            "redis+cluster://",
+            "redis+cluster://h:7000,",
+            "redis+cluster://h:7000,h:x",
+            "redis+cluster://h:0",
+            "redis+cluster://h:7000/1",
+            "redis+cluster://h:7000/0/x",
+            "redis+cluster://:hunter2@h:7000/2",
+        ] {
+            let text = minimal_with("url = \"memory://\"", &format!("url = \"{url}\""));
+            let e = one_error(&text);
+            assert_eq!(e.key, "store.url", "{url}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        let text = minimal_with("url = \"memory://\"", "url = \"redis+cluster://h:1/3\"");
+        assert!(one_error(&text).message.contains("database 0"));
+    }
+
+    #[test]
+    fn cluster_store_refuses_a_prefix_with_a_hash_tag() {
+        for prefix in ["{kc}:", "kc}:", "k{c:"] {
+            let store = format!("url = \"redis+cluster://h:7000\"\nprefix = \"{prefix}\"");
+            let e = one_error(&minimal_with("url = \"memory://\"", &store));
+            assert_eq!(e.key, "store.prefix", "{prefix}");
+            assert!(e.message.contains('{'), "{e}");
+            // Standalone Redis has no slots: the same prefix is fine there.
+            let store = format!("url = \"redis://h:6379\"\nprefix = \"{prefix}\"");
+            parse(&minimal_with("url = \"memory://\"", &store)).unwrap();
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Store: where users, revocations and the login throttle's counters live.
 //!
-//! One type, two backends: Redis for anything shared between replicas, and an embedded map
-//! (`memory://`) for `keycard dev` and single-instance use. This is the only file that knows
-//! Redis exists. Every operation is one round trip and is bounded by `store.timeout`, so a hung
-//! Redis turns into a quick 503 instead of a hung request.
+//! One type, three backends: standalone Redis and Redis Cluster (`redis+cluster://`) for
+//! anything shared between replicas, and an embedded map (`memory://`) for `keycard dev` and
+//! single-instance use. This is the only file that knows Redis exists. Every operation is one
+//! round trip (on a cluster the throttle's are one per subject, see [`Store::groups`]) and is
+//! bounded by `store.timeout`, so a hung Redis turns into a quick 503 instead of a hung request.
 //!
 //! Key layout (all under `store.prefix`, default `keycard:`):
 //! - `<prefix>generation:<username>` — integer, the user's session generation; `INCR` by
@@ -16,12 +17,22 @@
 //!   counters (`INCR`), expiring at the end of their window.
 //! - `<prefix>throttle:pending:user:<username>` and `<prefix>throttle:pending:addr:<ip>` —
 //!   attempts in flight, given back when each ends (see [`Subject`]).
+//!
+//! On a Redis Cluster, and only there, the username or address in the `user:`,
+//! `generation:` and `throttle:` keys is a hash tag: `<prefix>user:{alice}`,
+//! `<prefix>throttle:pending:addr:{10.0.0.7}` (see [`Store::tagged_key`]), so the keys one
+//! script touches share a slot. `revoked:<jti>` (the contract's name: operators write it with
+//! `redis-cli`) and `family:<id>` are unchanged. Standalone Redis keeps exactly the names
+//! above, so existing deployments need no migration; a cluster deployment is new and starts
+//! without keys, so there are no untagged ones to move.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use crate::config::{StoreConfig, StoreUrl};
 
@@ -32,9 +43,16 @@ pub enum StoreError {
     /// Redis answered with an error or the connection broke.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis answered with something other than what the command returns.
+    #[error("redis: unexpected reply: {0}")]
+    Reply(#[from] redis::ParsingError),
     /// No answer within `store.timeout`.
     #[error("store did not answer within {0:?}")]
     Timeout(Duration),
+    /// A Redis Cluster store was opened outside a tokio runtime (its connection task needs
+    /// one); a programming error, reported rather than panicking.
+    #[error("a redis+cluster:// store needs a tokio runtime to connect")]
+    NoRuntime,
 }
 
 /// How long an attempt's reservation lives if keycard dies before releasing it. An attempt
@@ -54,6 +72,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// becomes a failure, so parallel correct logins never lock anyone out.
 #[derive(Debug, Clone)]
 pub struct Subject {
+    /// The address or username: on a Redis Cluster the hash tag of both keys, and how
+    /// [`Store::begin_attempt`] knows which subject the user record shares a slot with.
+    name: String,
     failures: String,
     pending: String,
     limit: u64,
@@ -243,9 +264,53 @@ impl UserRecord {
 
 #[derive(Clone)]
 enum Backend {
-    /// A single multiplexed connection that reconnects by itself.
-    Redis(ConnectionManager),
+    /// Redis, standalone or a cluster: every command goes through [`Remote`].
+    Redis(Remote),
     Memory(Arc<Mutex<MemoryMap>>),
+}
+
+/// The two kinds of Redis connection, behind one [`redis::aio::ConnectionLike`] so that each
+/// store operation has one code path. What differs is only the key layout (see
+/// [`Store::tagged_key`]) and what cannot be one call on a cluster (the throttle's script, a
+/// `SCAN`).
+#[derive(Clone)]
+enum Remote {
+    /// Standalone Redis: a single multiplexed connection that reconnects by itself.
+    Single(ConnectionManager),
+    /// A Redis Cluster: a connection per node, each command sent to the master of its keys'
+    /// slot, following `MOVED`/`ASK` and re-reading the slot map after a failover.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Remote {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Remote::Single(conn) => conn.req_packed_command(cmd),
+            Remote::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Remote::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Remote::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Remote::Single(conn) => conn.get_db(),
+            Remote::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// The embedded backend: values with optional deadlines. Expired entries read as missing
@@ -384,7 +449,8 @@ fn spawn_sweeper(map: &Arc<Mutex<MemoryMap>>, every: Duration) {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.backend {
-            Backend::Redis(_) => "redis",
+            Backend::Redis(Remote::Single(_)) => "redis",
+            Backend::Redis(Remote::Cluster(_)) => "redis cluster",
             Backend::Memory(_) => "memory",
         };
         f.debug_struct("Store")
@@ -395,8 +461,9 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the configured store. Redis connects lazily, so keycard starts (and `/readyz`
-    /// reports 503) while Redis is still coming up, and reconnects on its own afterwards.
+    /// Opens the configured store. Redis (standalone or cluster) connects lazily, so keycard
+    /// starts (and `/readyz` reports 503) while Redis is still coming up, and reconnects on
+    /// its own afterwards.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let backend = match &config.url {
             StoreUrl::Memory => {
@@ -415,10 +482,34 @@ impl Store {
                     .set_response_timeout(Some(config.timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
-                Backend::Redis(ConnectionManager::new_lazy_with_config(
+                Backend::Redis(Remote::Single(ConnectionManager::new_lazy_with_config(
                     client,
                     manager_config,
-                )?)
+                )?))
+            }
+            StoreUrl::Cluster(nodes) => {
+                // The connection task is spawned on the current runtime; without one the
+                // cluster client would panic, so say so instead.
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(StoreError::NoRuntime);
+                }
+                // Each try (connect, answer) and the whole command with its retries and
+                // redirections stay within `store.timeout`, as `query` enforces too.
+                let client =
+                    redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+                        .connection_timeout(config.timeout)
+                        .response_timeout(config.timeout)
+                        .retries(3)
+                        .max_retry_wait(500)
+                        .build()?;
+                let cluster_config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(config.timeout)
+                    .set_response_timeout(config.timeout);
+                // Pending: the nodes are connected in the background, like the standalone
+                // `new_lazy_with_config`; until then commands fail (503) rather than startup.
+                Backend::Redis(Remote::Cluster(
+                    client.get_pending_async_connection_with_config(cluster_config),
+                ))
             }
         };
         Ok(Store {
@@ -428,10 +519,11 @@ impl Store {
         })
     }
 
-    /// Runs one Redis command on the shared connection, bounded by `store.timeout`.
+    /// Runs one Redis command on the shared connection (either kind), bounded by
+    /// `store.timeout`.
     async fn query<T: redis::FromRedisValue>(
         &self,
-        conn: &ConnectionManager,
+        conn: &Remote,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
         let mut conn = conn.clone();
@@ -441,11 +533,55 @@ impl Store {
         }
     }
 
+    /// Like [`Store::query`], but on a cluster sent to the node `node` (host, port) rather
+    /// than routed by key: what a `SCAN` of one master needs. Standalone ignores `node`.
+    async fn query_node<T: redis::FromRedisValue>(
+        &self,
+        conn: &Remote,
+        cmd: &redis::Cmd,
+        node: Option<&(String, u16)>,
+    ) -> Result<T, StoreError> {
+        let (Remote::Cluster(cluster), Some((host, port))) = (conn, node) else {
+            return self.query(conn, cmd).await;
+        };
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port: *port,
+        });
+        let mut cluster = cluster.clone();
+        let sent = cluster.route_command(cmd.clone(), routing);
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(value) => Ok(redis::from_redis_value(value?)?),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Whether keys are laid out for a Redis Cluster (see [`Store::tagged_key`]).
+    fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Redis(Remote::Cluster(_)))
+    }
+
+    /// `<prefix><kind><name>`: for keys that live alone (`revoked:`, `family:`).
     fn key(&self, kind: &str, name: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + kind.len() + name.len());
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + name.len() + 2);
         key.push_str(&self.prefix);
         key.push_str(kind);
         key.push_str(name);
+        key
+    }
+
+    /// A key of one user's (or one address's) group: `<prefix><kind><name>`, and on a Redis
+    /// Cluster `<prefix><kind>{<name>}`, so that the hash tag puts every key of the group in
+    /// one slot and a script can touch them together. Standalone keeps the untagged names, so
+    /// existing deployments need no migration. (Names cannot hold braces: usernames are
+    /// `A-Z a-z 0-9 . _ @ -`, addresses are IPs, and a cluster's prefix may not have them.)
+    fn tagged_key(&self, kind: &str, name: &str) -> String {
+        if !self.is_cluster() {
+            return self.key(kind, name);
+        }
+        let mut key = self.key(kind, "{");
+        key.push_str(name);
+        key.push('}');
         key
     }
 
@@ -473,13 +609,13 @@ impl Store {
 
     /// Creates a user; false when the name is taken.
     pub async fn create_user(&self, username: &str, user: &UserRecord) -> Result<bool, StoreError> {
-        self.set_nx(&self.key("user:", username), &user.encode(), None)
+        self.set_nx(&self.tagged_key("user:", username), &user.encode(), None)
             .await
     }
 
     /// The user `username`, if there is one.
     pub async fn get_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
-        let key = self.key("user:", username);
+        let key = self.tagged_key("user:", username);
         let value: Option<String> = match &self.backend {
             Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
             Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
@@ -513,13 +649,18 @@ impl Store {
         family: &str,
     ) -> Result<bool, StoreError> {
         // generation first, then the others that apply: any of them present means revoked.
-        let mut keys = vec![self.key("generation:", user)];
+        let mut keys = vec![self.tagged_key("generation:", user)];
         if let Some(jti) = jti.filter(|j| !j.is_empty()) {
             keys.push(self.key("revoked:", jti));
         }
         if !family.is_empty() {
             keys.push(self.key("family:", family));
         }
+        // On a cluster these keys are in different slots (the generation is tagged with the
+        // user, a revocation is not): redis-rs routes `MGET` as a multi-slot command, sending
+        // one `MGET` per slot's node at once and putting the answers back in key order
+        // (`MultipleNodeRoutingInfo::MultiSlot` in its cluster_routing), so this stays one
+        // call here and one round trip's time there.
         let values: Vec<Option<String>> = match &self.backend {
             Backend::Redis(conn) => self.query(conn, redis::cmd("MGET").arg(&keys)).await?,
             Backend::Memory(map) => {
@@ -543,7 +684,7 @@ impl Store {
             return Ok(false);
         };
         user.roles = roles.to_vec();
-        let key = self.key("user:", username);
+        let key = self.tagged_key("user:", username);
         match &self.backend {
             Backend::Redis(conn) => {
                 let cmd = redis::cmd("SET")
@@ -563,7 +704,7 @@ impl Store {
 
     /// Deletes `username`; false when there was no such user.
     pub async fn delete_user(&self, username: &str) -> Result<bool, StoreError> {
-        let key = self.key("user:", username);
+        let key = self.tagged_key("user:", username);
         match &self.backend {
             Backend::Redis(conn) => {
                 let n: u64 = self.query(conn, redis::cmd("DEL").arg(&key)).await?;
@@ -573,31 +714,46 @@ impl Store {
         }
     }
 
-    /// Every user with its roles, sorted by name.
+    /// Every user with its roles, sorted by name. `SCAN` walks one node's keys, so on a
+    /// cluster every master is scanned in turn (read from `CLUSTER SLOTS`).
     pub async fn list_users(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
-        let prefix = self.key("user:", "");
+        // On a cluster the name sits in a hash tag: `<prefix>user:{alice}`.
+        let prefix = self.key("user:", if self.is_cluster() { "{" } else { "" });
+        let suffix = if self.is_cluster() { "}" } else { "" };
         let mut users = Vec::new();
         match &self.backend {
             Backend::Redis(conn) => {
-                let mut cursor = 0u64;
-                loop {
-                    let mut cmd = redis::cmd("SCAN");
-                    cmd.arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{prefix}*"))
-                        .arg("COUNT")
-                        .arg(500);
-                    let (next, keys): (u64, Vec<String>) = self.query(conn, &cmd).await?;
-                    for key in keys {
-                        let name = key[prefix.len()..].to_owned();
-                        if let Some(user) = self.get_user(&name).await? {
-                            users.push((name, user.roles));
+                let nodes = match conn {
+                    Remote::Single(_) => vec![None],
+                    Remote::Cluster(_) => self.masters(conn).await?.into_iter().map(Some).collect(),
+                };
+                for node in &nodes {
+                    let mut cursor = 0u64;
+                    loop {
+                        let mut cmd = redis::cmd("SCAN");
+                        cmd.arg(cursor)
+                            .arg("MATCH")
+                            .arg(format!("{prefix}*{suffix}"))
+                            .arg("COUNT")
+                            .arg(500);
+                        let (next, keys): (u64, Vec<String>) =
+                            self.query_node(conn, &cmd, node.as_ref()).await?;
+                        for key in keys {
+                            let Some(name) = key
+                                .strip_prefix(prefix.as_str())
+                                .and_then(|k| k.strip_suffix(suffix))
+                            else {
+                                continue;
+                            };
+                            if let Some(user) = self.get_user(name).await? {
+                                users.push((name.to_owned(), user.roles));
+                            }
                         }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
                     }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
                 }
             }
             Backend::Memory(map) => {
@@ -612,13 +768,40 @@ impl Store {
             }
         }
         users.sort();
+        // A key seen twice (a slot moving between masters during the scan) is one user.
         users.dedup_by(|a, b| a.0 == b.0);
         Ok(users)
     }
 
+    /// A cluster's masters, as (host, port): the first address of each slot range in
+    /// `CLUSTER SLOTS`, once each.
+    async fn masters(&self, conn: &Remote) -> Result<Vec<(String, u16)>, StoreError> {
+        let ranges: Vec<Vec<redis::Value>> = self
+            .query(conn, &redis::cmd("CLUSTER").arg("SLOTS").clone())
+            .await?;
+        let mut masters = Vec::new();
+        for range in ranges {
+            // [start, end, [host, port, id, ...], replicas...]
+            let Some(redis::Value::Array(master)) = range.get(2) else {
+                continue;
+            };
+            let (Some(host), Some(port)) = (master.first(), master.get(1)) else {
+                continue;
+            };
+            let node: (String, u16) = (
+                redis::from_redis_value_ref(host)?,
+                redis::from_redis_value_ref(port)?,
+            );
+            if !masters.contains(&node) {
+                masters.push(node);
+            }
+        }
+        Ok(masters)
+    }
+
     /// The user's session generation: tokens issued now carry it.
     pub async fn generation(&self, user: &str) -> Result<u64, StoreError> {
-        let key = self.key("generation:", user);
+        let key = self.tagged_key("generation:", user);
         let value: Option<String> = match &self.backend {
             Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
             Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
@@ -629,7 +812,7 @@ impl Store {
     /// Ends every session of `user`: tokens issued before carry a lower generation and are
     /// refused; tokens issued after carry the new one and work at once.
     pub async fn end_all_sessions(&self, user: &str) -> Result<u64, StoreError> {
-        let key = self.key("generation:", user);
+        let key = self.tagged_key("generation:", user);
         match &self.backend {
             Backend::Redis(conn) => Ok(self.query(conn, redis::cmd("INCR").arg(&key)).await?),
             Backend::Memory(map) => {
@@ -660,9 +843,10 @@ impl Store {
         window: Duration,
         clear_on_success: bool,
     ) -> Subject {
-        let failures = self.key(&format!("throttle:{kind}:"), name);
-        let pending = self.key(&format!("throttle:pending:{kind}:"), name);
+        let failures = self.tagged_key(&format!("throttle:{kind}:"), name);
+        let pending = self.tagged_key(&format!("throttle:pending:{kind}:"), name);
         Subject {
+            name: name.to_owned(),
             failures,
             pending,
             limit,
@@ -671,52 +855,110 @@ impl Store {
         }
     }
 
-    /// Begins an attempt against `subjects` (address first), atomically and in one round
-    /// trip, and reads `user`'s hash with it when asked. Nothing is counted unless every
-    /// subject has room; see [`Subject`] for the rule.
+    /// Begins an attempt against `subjects` (address first), and reads `user`'s hash with it
+    /// when asked. Nothing is counted unless every subject has room; see [`Subject`] for the
+    /// rule. One atomic round trip on standalone Redis and in memory; on a cluster one per
+    /// subject (see [`Store::groups`]), a refusal giving back what the earlier ones reserved.
     pub async fn begin_attempt(
         &self,
         subjects: Vec<Subject>,
         user: Option<&str>,
     ) -> Result<Attempt, StoreError> {
-        let user_key = user.map(|u| self.key("user:", u));
-        let (verdict, retry_after, hash) = match &self.backend {
+        let user_key = user.map(|u| self.tagged_key("user:", u));
+        // Grows group by group. A store error part-way drops it, which gives back (in the
+        // background) what was reserved so far.
+        let mut reservation = Reservation {
+            store: self.clone(),
+            subjects: Vec::with_capacity(subjects.len()),
+            ended: false,
+        };
+        let mut hash = None;
+        for (group, with_user) in self.groups(&subjects, user) {
+            let user_key = user_key.as_deref().filter(|_| with_user);
+            let (verdict, retry_after, read) = self.begin_group(group, user_key).await?;
+            if verdict != 0 {
+                // Only on a cluster can an earlier group hold a reservation here. Given back
+                // now rather than by `Drop`, so the next attempt sees it gone.
+                reservation.ended = true;
+                if let Err(error) = self
+                    .end_attempt(&reservation.subjects, Outcome::Abandoned)
+                    .await
+                {
+                    tracing::warn!(%error, "could not give back a refused attempt's reservation");
+                }
+                return Ok(match verdict {
+                    1 => Attempt::Throttled { retry_after },
+                    _ => Attempt::Busy,
+                });
+            }
+            reservation.subjects.extend_from_slice(group);
+            hash = hash.or(read);
+        }
+        Ok(Attempt::Go { hash, reservation })
+    }
+
+    /// Ends an attempt (see [`END_SCRIPT`]): one call per group, as it began.
+    async fn end_attempt(&self, subjects: &[Subject], outcome: Outcome) -> Result<(), StoreError> {
+        for (group, _) in self.groups(subjects, None) {
+            if !group.is_empty() {
+                self.end_group(group, outcome).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How an attempt's subjects are split into calls, each with whether the user record is
+    /// read in it. Standalone Redis and memory: one group, all subjects and the user record,
+    /// atomic. A cluster allows a script only the keys of one slot: each subject is a group
+    /// of its own (its two keys share its name's hash tag), and the user record, tagged with
+    /// the username, goes with the subject of that name (or alone when there is none).
+    fn groups<'s>(
+        &self,
+        subjects: &'s [Subject],
+        user: Option<&str>,
+    ) -> Vec<(&'s [Subject], bool)> {
+        if !self.is_cluster() {
+            return vec![(subjects, user.is_some())];
+        }
+        let mut groups: Vec<(&[Subject], bool)> = subjects
+            .chunks(1)
+            .map(|s| (s, user.is_some_and(|u| s.iter().any(|s| s.name == u))))
+            .collect();
+        if user.is_some() && !groups.iter().any(|(_, with_user)| *with_user) {
+            groups.push((&[], true));
+        }
+        groups
+    }
+
+    /// [`BEGIN_SCRIPT`] (or [`MemoryMap::begin`]) over one group of subjects, reading the
+    /// user record at `user_key` when given: (verdict, retry-after, hash).
+    async fn begin_group(
+        &self,
+        subjects: &[Subject],
+        user_key: Option<&str>,
+    ) -> Result<(u8, Duration, Option<String>), StoreError> {
+        match &self.backend {
             Backend::Redis(conn) => {
                 let mut keys: Vec<&str> = Vec::with_capacity(subjects.len() * 2 + 1);
                 let mut args: Vec<u64> = Vec::with_capacity(subjects.len() + 1);
-                for s in &subjects {
+                for s in subjects {
                     keys.push(&s.failures);
                     keys.push(&s.pending);
                     args.push(s.limit);
                 }
-                keys.extend(user_key.as_deref());
+                keys.extend(user_key);
                 args.push(millis(RESERVATION_TTL));
                 let cmd = eval(BEGIN_SCRIPT, &keys, &args);
                 let (verdict, ttl, hash): (u8, i64, Option<String>) =
                     self.query(conn, &cmd).await?;
-                (verdict, Duration::from_millis(ttl.max(0) as u64), hash)
+                Ok((verdict, Duration::from_millis(ttl.max(0) as u64), hash))
             }
-            Backend::Memory(map) => lock(map).begin(&subjects, user_key.as_deref()),
-        };
-        Ok(match verdict {
-            0 => Attempt::Go {
-                hash,
-                reservation: Reservation {
-                    store: self.clone(),
-                    subjects,
-                    ended: false,
-                },
-            },
-            1 => Attempt::Throttled { retry_after },
-            _ => Attempt::Busy,
-        })
+            Backend::Memory(map) => Ok(lock(map).begin(subjects, user_key)),
+        }
     }
 
-    /// Ends an attempt (see [`END_SCRIPT`]).
-    async fn end_attempt(&self, subjects: &[Subject], outcome: Outcome) -> Result<(), StoreError> {
-        if subjects.is_empty() {
-            return Ok(());
-        }
+    /// [`END_SCRIPT`] (or [`MemoryMap::end`]) over one group of subjects.
+    async fn end_group(&self, subjects: &[Subject], outcome: Outcome) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Redis(conn) => {
                 let mut cmd = redis::cmd("EVAL");

@@ -2,6 +2,8 @@
 //!
 //! - [`RedisServer`]: a real `redis-server` on a free loopback port, killed on drop; it can be
 //!   stopped and started again on the same port to simulate an outage.
+//! - [`RedisCluster`]: a real Redis Cluster (3 masters, optionally a replica each) of
+//!   `redis-server --cluster-enabled yes` processes on loopback ports, killed on drop.
 //! - [`Upstream`]: an echo server (hyper 1.x) that answers every request with a JSON
 //!   description of what it received and records each request, so tests can prove the
 //!   upstream was *not* reached.
@@ -217,6 +219,287 @@ impl Drop for RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Runs `cmd` to completion within `limit`, killing it if it takes longer; (success, stdout,
+/// stderr). Panics when the program is missing: the tests need it, they never skip.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} not found: run scripts/test.sh, which installs redis")
+        }
+        Err(e) => panic!("cannot spawn {program}: {e}"),
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{program} {:?} did not finish within {limit:?}",
+                    cmd.get_args()
+                );
+            }
+        }
+    }
+    let out = child.wait_with_output().expect("collect output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `redis-cli -p PORT ARGS...` (with `-c`, cluster mode: it follows `MOVED`), bounded to 10 s;
+/// its output, or a panic with it when it fails.
+pub fn redis_cli(port: u16, cluster: bool, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    if cluster {
+        cmd.arg("-c");
+    }
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args);
+    let (ok, out, err) = run_within(&mut cmd, Duration::from_secs(10));
+    assert!(ok, "redis-cli -p {port} {args:?} failed: {out}{err}");
+    out
+}
+
+/// One node of a [`RedisCluster`].
+struct ClusterNode {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` processes on loopback ports, in a
+/// temporary folder (their `nodes-PORT.conf`), joined with `redis-cli --cluster create`;
+/// every process is killed and the folder removed on drop.
+pub struct RedisCluster {
+    dir: std::path::PathBuf,
+    nodes: Vec<ClusterNode>,
+}
+
+impl RedisCluster {
+    /// 3 masters and `replicas` replicas of each; returns once every node reports
+    /// `cluster_state:ok` (and every replica is in sync). `node_timeout_ms` is
+    /// `cluster-node-timeout`: how soon a silent master is failed over.
+    pub fn new(replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let cluster = RedisCluster::unjoined(3 * (1 + replicas), node_timeout_ms);
+        cluster.join(replicas);
+        cluster
+    }
+
+    /// `nodes` cluster-enabled servers, running but not yet joined: no slot is served, as
+    /// while a cluster is being set up. [`RedisCluster::join`] makes them a cluster.
+    pub fn unjoined(nodes: usize, node_timeout_ms: u64) -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("keycard-cluster-{}", random_jti()));
+        std::fs::create_dir_all(&dir).expect("create the cluster's folder");
+        let mut cluster = RedisCluster {
+            dir,
+            nodes: Vec::new(),
+        };
+        for _ in 0..nodes {
+            let node = cluster.start_node(node_timeout_ms);
+            cluster.nodes.push(node);
+        }
+        cluster
+    }
+
+    /// Joins the nodes with `redis-cli --cluster create` (`replicas` per master) and waits
+    /// until every node reports `cluster_state:ok` and every replica is in sync.
+    pub fn join(&self, replicas: usize) {
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in self.ports() {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .env("REDISCLI_CLUSTER_YES", "1");
+        let (ok, out, err) = run_within(&mut create, Duration::from_secs(60));
+        assert!(ok, "redis-cli --cluster create failed:\n{out}\n{err}");
+        self.wait_ok(&self.ports(), Duration::from_secs(30));
+        if replicas > 0 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for port in self.ports() {
+                loop {
+                    let info = redis_cli(port, false, &["INFO", "replication"]);
+                    if info.contains("role:master") || info.contains("master_link_status:up") {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "replica {port} never synced:\n{info}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Starts one node on free ports (the client port and `cluster-port`, its bus), waiting
+    /// until it answers PING; tries new ports a few times if one was taken meanwhile.
+    fn start_node(&self, node_timeout_ms: u64) -> ClusterNode {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (port, bus) = (free_port(), free_port());
+            if port == bus {
+                continue;
+            }
+            let conf = self.dir.join(format!("nodes-{port}.conf"));
+            let spawned = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .arg("--cluster-config-file")
+                .arg(&conf)
+                .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    panic!("redis-server not found: run scripts/test.sh, which installs it")
+                }
+                Err(e) => panic!("cannot spawn redis-server: {e}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if ping(port) {
+                    return ClusterNode {
+                        port,
+                        child: Some(child),
+                    };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!("redis-server (cluster) exited early: {status}");
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last = "redis-server (cluster) did not answer PING within 10s".into();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not start a cluster node: {last}");
+    }
+
+    /// Waits (bounded) until each of `ports` reports `cluster_state:ok`.
+    pub fn wait_ok(&self, ports: &[u16], limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for &port in ports {
+            loop {
+                let info = redis_cli(port, false, &["CLUSTER", "INFO"]);
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {port} not cluster_state:ok within {limit:?}:\n{info}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The client ports of every node still running.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,…` over the running nodes, for the gateway config.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// `redis-cli -c` against a running node: what an operator types.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.ports()[0], true, args)
+    }
+
+    /// The slot of `key`, as the cluster computes it (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let out = self.cli(&["CLUSTER", "KEYSLOT", key]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key}: {out:?}"))
+    }
+
+    /// The port of the master serving `slot`, as a running node sees it (`CLUSTER NODES`),
+    /// if one does.
+    pub fn master_of(&self, slot: u16) -> Option<u16> {
+        let nodes = self.cli(&["CLUSTER", "NODES"]);
+        nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let is_master =
+                fields.get(2)?.split(',').any(|f| f == "master") && !fields[2].contains("fail");
+            let serves = fields.iter().skip(8).any(|range| {
+                let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>());
+                match (ends.next(), ends.next()) {
+                    (Some(Ok(start)), Some(Ok(end))) => (start..=end).contains(&slot),
+                    (Some(Ok(only)), None) => only == slot,
+                    _ => false,
+                }
+            });
+            let port = fields.get(1)?.split('@').next()?.rsplit(':').next()?;
+            (is_master && serves).then(|| port.parse().ok()).flatten()
+        })
+    }
+
+    /// Kills the node on `port` (SIGKILL) and waits for it: a master's machine dying.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on {port}"));
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -625,6 +908,14 @@ impl GatewayOpts {
         let store_url = match &c.store.url {
             StoreUrl::Memory => "memory://".to_owned(),
             StoreUrl::Redis(url) => url.clone(),
+            // Each node carries its own credentials, so this reads back as the same nodes.
+            StoreUrl::Cluster(nodes) => {
+                let hosts: Vec<&str> = nodes
+                    .iter()
+                    .map(|n| n.trim_start_matches("redis://"))
+                    .collect();
+                format!("redis+cluster://{}", hosts.join(","))
+            }
         };
         let mut out = format!(
             "[server]\nlisten = {}\ntrusted_proxies = {}\nheader_read_timeout = {}\n\
