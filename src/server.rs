@@ -88,7 +88,7 @@ pub async fn run_with_reload(
     reload: Option<ReloadSource>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&config.store)?;
+    let store = Store::open(&config.store)?.with_revocation_cache(&config.store)?;
     let auth = Auth::new(&config, store.clone())?;
     // One signal, watched by both accept loops and by upgraded connections.
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -375,6 +375,27 @@ async fn two_gateways_share_one_redis() {
     .await;
     let (fresh, _) = b.login("carol").await;
     assert_passes(&a, &fresh, "carol").await;
+
+    // With both revocation caches on (two tracking connections), and A's answer for the
+    // token cached: B's logout still reaches A's very next request, round after round.
+    for _ in 0..100 {
+        let list = redis_cli(redis.port(), false, &["CLIENT", "LIST"]);
+        if list.lines().filter(|l| l.contains(" flags=t")).count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for round in 0..20 {
+        let (access, _) = b.login("carol").await;
+        assert_passes(&a, &access, "carol").await;
+        assert_passes(&a, &access, "carol").await;
+        assert_eq!(b.logout(&access, false).await, 200);
+        assert_revoked(
+            a.get("/api/scale", &access).await,
+            &format!("round {round}"),
+        )
+        .await;
+    }
 }
 
 /// A master of a 3+3 cluster dies: its replica is promoted (`cluster-node-timeout` 1 s) and

@@ -1,6 +1,6 @@
 //! Sessions: `/logout?all=true`, a refresh token revoked with its access token, refresh
-//! families revoked on reuse (RFC 9700 §4.14), and the one store command per proxied
-//! request.
+//! families revoked on reuse (RFC 9700 §4.14), the one store command per proxied request,
+//! and the revocation cache that Redis client tracking keeps exact.
 //!
 //! Real redis-server, real upstream, real gateway, over HTTP.
 
@@ -139,19 +139,131 @@ async fn command_calls(redis: &RedisServer) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The id of the gateway's tracking connection (`CLIENT LIST` flag `t`), waiting (bounded)
+/// until there is one: the revocation cache connects in the background.
+async fn tracking_client(redis: &RedisServer) -> String {
+    for _ in 0..100 {
+        let list: String = redis.query(redis::cmd("CLIENT").arg("LIST")).await;
+        let tracking = list.lines().find_map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            };
+            field("flags")?
+                .contains('t')
+                .then(|| field("id").map(str::to_owned))?
+        });
+        if let Some(id) = tracking {
+            return id;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the gateway never enabled client tracking");
+}
+
+fn jti(token: &str) -> String {
+    decode_claims(token)["jti"].as_str().unwrap().to_owned()
+}
+
+/// `MGET` calls since the last `CONFIG RESETSTAT` (the tracking connection's `PING`s aside).
+async fn mgets(redis: &RedisServer) -> u64 {
+    command_calls(redis)
+        .await
+        .iter()
+        .find(|(name, _)| name == "mget")
+        .map_or(0, |(_, calls)| *calls)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxied_request_costs_one_store_command() {
-    // Revocation, the user's generation and the refresh family: all in one MGET.
+async fn a_proxied_request_costs_one_store_command_and_none_once_cached() {
+    // Revocation, the user's generation and the refresh family: all in one MGET, and with
+    // client tracking on, that answer is kept until Redis says one of the keys changed.
     let s = Stack::start().await;
+    tracking_client(&s.redis).await;
     let (access, _) = s.gw.user("cal").await;
-    assert_eq!(s.gw.get("/private/warm", Some(&access)).await.status(), 200);
     let () = s.redis.query(redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    assert_eq!(s.gw.get("/private/warm", Some(&access)).await.status(), 200);
+    let calls = command_calls(&s.redis).await;
+    let others: Vec<_> = calls.iter().filter(|(n, _)| n != "ping").collect();
+    assert_eq!(others, [&("mget".to_owned(), 1)], "{calls:?}");
     for i in 0..10 {
         let path = format!("/private/{i}");
         assert_eq!(s.gw.get(&path, Some(&access)).await.status(), 200);
     }
-    let calls = command_calls(&s.redis).await;
-    assert_eq!(calls, [("mget".to_owned(), 10)], "{calls:?}");
+    assert_eq!(mgets(&s.redis).await, 1, "cached after the first request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_by_redis_cli_revokes_the_very_next_request() {
+    // The contract: a key written by any process revokes at once, cache or not. Each round
+    // caches a token's answer, then writes the key with redis-cli and asks again at once.
+    let s = Stack::start().await;
+    tracking_client(&s.redis).await;
+    let port = s.redis.port();
+    for round in 0..10 {
+        let (access, _) = s.gw.user(&format!("rc{round}")).await;
+        for _ in 0..3 {
+            assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+        }
+        let () = s.redis.query(redis::cmd("CONFIG").arg("RESETSTAT")).await;
+        assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+        assert_eq!(
+            mgets(&s.redis).await,
+            0,
+            "round {round}: served from the cache"
+        );
+        let key = format!("keycard:revoked:{}", jti(&access));
+        redis_cli(port, false, &["SET", &key, "1"]);
+        assert_revoked(
+            s.gw.get("/private/x", Some(&access)).await,
+            "revoked by redis-cli",
+        )
+        .await;
+    }
+    // A session ended by another process's INCR of the generation, likewise.
+    let (access, _) = s.gw.user("gen").await;
+    assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+    assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+    redis_cli(port, false, &["INCR", "keycard:generation:gen"]);
+    assert_revoked(
+        s.gw.get("/private/x", Some(&access)).await,
+        "generation moved",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_tracking_connection_every_request_is_checked_directly() {
+    let s = Stack::start().await;
+    let id = tracking_client(&s.redis).await;
+    let (access, _) = s.gw.user("dir").await;
+    assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+    // Cut the tracking connection, and revoke right after: the invalidation can no longer
+    // arrive, so the answer must not come from the cache.
+    let () = s
+        .redis
+        .query(redis::cmd("CLIENT").arg("KILL").arg("ID").arg(&id))
+        .await;
+    let () = s.redis.query(redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    for _ in 0..3 {
+        assert_eq!(s.gw.get("/private/x", Some(&access)).await.status(), 200);
+    }
+    assert!(mgets(&s.redis).await >= 3, "each request read Redis");
+    let key = format!("keycard:revoked:{}", jti(&access));
+    redis_cli(s.redis.port(), false, &["SET", &key, "1"]);
+    assert_revoked(
+        s.gw.get("/private/x", Some(&access)).await,
+        "checked directly",
+    )
+    .await;
+    // Tracking comes back by itself, and caching with it.
+    let again = tracking_client(&s.redis).await;
+    assert_ne!(again, id);
+    let (fresh, _) = s.gw.user("dir2").await;
+    assert_eq!(s.gw.get("/private/x", Some(&fresh)).await.status(), 200);
+    let () = s.redis.query(redis::cmd("CONFIG").arg("RESETSTAT")).await;
+    assert_eq!(s.gw.get("/private/x", Some(&fresh)).await.status(), 200);
+    assert_eq!(mgets(&s.redis).await, 0, "cached again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod password;
 pub mod store;
 pub mod token;
+pub mod tracking;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

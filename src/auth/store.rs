@@ -34,6 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
+use crate::auth::tracking::RevocationCache;
 use crate::config::{StoreConfig, StoreUrl};
 
 /// Why a store operation failed. Every variant means "could not find out", so callers fail
@@ -228,6 +229,9 @@ pub struct Store {
     backend: Backend,
     prefix: Arc<str>,
     timeout: Duration,
+    /// Answers of the revocation check kept exact by Redis client tracking (standalone Redis
+    /// only, once [`Store::with_revocation_cache`] started it).
+    revocations: Option<Arc<RevocationCache>>,
 }
 
 /// A stored user: the password hash and the roles tokens will carry.
@@ -516,14 +520,30 @@ impl Store {
             backend,
             prefix: config.prefix.as_str().into(),
             timeout: config.timeout,
+            revocations: None,
         })
+    }
+
+    /// Starts the revocation cache (see [`crate::auth::tracking`]) on standalone Redis; other
+    /// stores are returned unchanged. The gateway calls this; one-shot CLI commands do not.
+    pub fn with_revocation_cache(mut self, config: &StoreConfig) -> Result<Store, StoreError> {
+        if let StoreUrl::Redis(url) = &config.url {
+            let client = redis::Client::open(url.as_str())?;
+            self.revocations = Some(RevocationCache::start(&client, config.timeout));
+        }
+        Ok(self)
+    }
+
+    /// Whether the revocation cache is serving answers now.
+    pub fn revocation_cache_live(&self) -> bool {
+        self.revocations.as_ref().is_some_and(|c| c.is_live())
     }
 
     /// Runs one Redis command on the shared connection (either kind), bounded by
     /// `store.timeout`.
-    async fn query<T: redis::FromRedisValue>(
+    async fn query<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Clone>(
         &self,
-        conn: &Remote,
+        conn: &C,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
         let mut conn = conn.clone();
@@ -632,8 +652,18 @@ impl Store {
         if jti.is_empty() {
             return Ok(false);
         }
-        self.set_nx(&self.key("revoked:", jti), "1", Some(ttl))
-            .await
+        let key = self.key("revoked:", jti);
+        let written = self.set_nx(&key, "1", Some(ttl)).await;
+        self.forget(&key);
+        written
+    }
+
+    /// Drops `key` from the revocation cache after keycard wrote it: this process's own
+    /// revocations apply to its next request without waiting for Redis's invalidation.
+    fn forget(&self, key: &str) {
+        if let Some(cache) = &self.revocations {
+            cache.forget(key);
+        }
     }
 
     /// Whether a token is no longer good: its `jti` revoked, its user's generation moved past
@@ -662,7 +692,7 @@ impl Store {
         // (`MultipleNodeRoutingInfo::MultiSlot` in its cluster_routing), so this stays one
         // call here and one round trip's time there.
         let values: Vec<Option<String>> = match &self.backend {
-            Backend::Redis(conn) => self.query(conn, redis::cmd("MGET").arg(&keys)).await?,
+            Backend::Redis(conn) => self.read_revocations(conn, &keys).await?,
             Backend::Memory(map) => {
                 let map = lock(map);
                 let now = Instant::now();
@@ -674,6 +704,41 @@ impl Store {
             .and_then(|v| v.as_deref()?.parse().ok())
             .unwrap_or(0);
         Ok(current > generation || values.iter().skip(1).any(Option::is_some))
+    }
+
+    /// `MGET keys` for the revocation check: from the revocation cache when it has them all,
+    /// else over its tracking connection (which keeps what it read), else directly. A tracking
+    /// connection that fails is turned off and the read made directly, except on a timeout
+    /// (Redis itself is slow: one timeout is enough).
+    async fn read_revocations(
+        &self,
+        conn: &Remote,
+        keys: &[String],
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(keys);
+        if let Some(cache) = &self.revocations {
+            if let Some(values) = cache.get(keys) {
+                return Ok(values);
+            }
+            if let Some(ticket) = cache.ticket() {
+                let read: Result<Vec<Option<String>>, _> =
+                    self.query(&ticket.connection, &mget).await;
+                match read {
+                    Ok(values) => {
+                        ticket.store(keys, &values);
+                        return Ok(values);
+                    }
+                    Err(error) => {
+                        ticket.failed();
+                        if matches!(error, StoreError::Timeout(_)) {
+                            return Err(error);
+                        }
+                    }
+                }
+            }
+        }
+        self.query(conn, &mget).await
     }
 
     /// Replaces `username`'s roles; false when there is no such user. (Read, change, write:
@@ -814,7 +879,11 @@ impl Store {
     pub async fn end_all_sessions(&self, user: &str) -> Result<u64, StoreError> {
         let key = self.tagged_key("generation:", user);
         match &self.backend {
-            Backend::Redis(conn) => Ok(self.query(conn, redis::cmd("INCR").arg(&key)).await?),
+            Backend::Redis(conn) => {
+                let generation = self.query(conn, redis::cmd("INCR").arg(&key)).await;
+                self.forget(&key);
+                Ok(generation?)
+            }
             Backend::Memory(map) => {
                 let mut map = lock(map);
                 let now = Instant::now();
@@ -828,8 +897,10 @@ impl Store {
     /// and refresh token descended from one login.
     pub async fn revoke_family(&self, family: &str, ttl: Duration) -> Result<(), StoreError> {
         if !family.is_empty() {
-            self.set_nx(&self.key("family:", family), "1", Some(ttl))
-                .await?;
+            let key = self.key("family:", family);
+            let written = self.set_nx(&key, "1", Some(ttl)).await;
+            self.forget(&key);
+            written?;
         }
         Ok(())
     }
