@@ -13,7 +13,8 @@ Peers, all in front of one nginx `return 200` upstream:
 Each peer gets the same wrk (-t1, same connections, same duration) in alternation, over
 several rounds; the table shows medians. CPU us/request is user+sys of the peer's own
 processes (from /proc/PID/stat) over the requests wrk completed; for keycard, redis-server's
-share is its own column. Peak RSS is VmHWM summed over the peer's processes. Ratios are to
+share is its own column. Peak RSS is VmHWM summed over the peer's processes, reset before
+each measured run (so it is the peak under that load, not during setup). Ratios are to
 nginx in the same run: on a shared 2-core machine only those ratios mean anything.
 """
 
@@ -80,6 +81,18 @@ def cpu_ticks(pids):
     return total
 
 
+def reset_peak(pids):
+    """Peak RSS starts again from the current RSS (Linux: 5 > clear_refs), so a peak measured
+    under load is not the setup's (keycard hashes a password at startup and for the login that
+    gets the bench token: argon2 needs memory_kib, 19 MiB, while it runs)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
 def status_kib(pids, key):
     total = 0
     for pid in pids:
@@ -125,6 +138,21 @@ def wrk(url, conns, secs, headers=(), script=None, threads=1):
     return r
 
 
+def hold_connections(url, n, headers):
+    """n keep-alive connections to url, each having made one request (answered 200)."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    head = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+    held = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(head.encode())
+        reply = sock.recv(65536)
+        if not reply.startswith(b"HTTP/1.1 200"):
+            sys.exit(f"held connection got {reply[:60]!r}")
+        held.append(sock)
+    return held
+
+
 class Peer:
     def __init__(self, name, label, url, pids_fn, headers=(), side_pids_fn=None):
         self.name, self.label, self.url = name, label, url
@@ -134,6 +162,7 @@ class Peer:
     def measure(self, conns, secs):
         pids = self.pids_fn()
         side = self.side_pids_fn() if self.side_pids_fn else []
+        reset_peak(pids)
         c0, s0 = cpu_ticks(pids), cpu_ticks(side)
         r = wrk(self.url, conns, secs, self.headers)
         c1, s1 = cpu_ticks(pids), cpu_ticks(side)
@@ -390,14 +419,29 @@ auth = "required"
               f"{p99 / n_p99:.2f} | {cpu:.1f} | {cpu / n_cpu:.2f} | {side_s} | {rss:.0f} |")
     _ = n_rss
 
-    # Idle keep-alive connections: keycard's peak RSS with N open connections doing requests.
+    # Many keep-alive connections: keycard's peak RSS while N connections that each made one
+    # request stay open and the usual load runs beside them, then with all N making requests.
     kc_peer = next((p for p in peers if p.name == "keycard"), None)
-    if kc_peer and args.idle_conns:
-        r = wrk(kc_peer.url, args.idle_conns, 5, kc_peer.headers)
-        rss = status_kib([kc.pid], "VmHWM") / 1024
-        print(f"\nkeycard with {args.idle_conns} keep-alive connections (wrk -c{args.idle_conns}, "
-              f"5 s): {r['rps']:,.0f} req/s, bad {r['bad']}, errors {r['errors']}, "
-              f"peak RSS {rss:.1f} MiB")
+    if args.idle_conns:
+        print()
+        for p in peers:
+            if p.name == "upstream":
+                continue
+            pids = p.pids_fn()
+            reset_peak(pids)
+            held = hold_connections(p.url, args.idle_conns, p.headers)
+            r = wrk(p.url, args.conns, 5, p.headers)
+            idle_rss = status_kib(pids, "VmHWM") / 1024
+            for sock in held:
+                sock.close()
+            reset_peak(pids)
+            a = wrk(p.url, args.idle_conns, 5, p.headers)
+            busy_rss = status_kib(pids, "VmHWM") / 1024
+            print(f"{p.name}: {len(held)} open keep-alive connections + wrk -c{args.conns}: "
+                  f"peak RSS {idle_rss:.1f} MiB ({r['rps']:,.0f} req/s); all "
+                  f"{args.idle_conns} busy (wrk -c{args.idle_conns}): peak RSS {busy_rss:.1f} MiB "
+                  f"({a['rps']:,.0f} req/s, bad {r['bad'] + a['bad']}, "
+                  f"errors {r['errors'] + a['errors']})")
 
     if kc_peer and args.login_secs:
         login_bench(args, base, body, work, kc)
