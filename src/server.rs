@@ -129,9 +129,12 @@ pub async fn run_with_reload(
     );
 
     let admin_state = Arc::new(crate::admin::Admin::new(store, metrics));
+    // `max_connections` counts each listener on its own; the public listener's event loops
+    // share one count.
     let admin = tokio::spawn(serve(
         listeners.admin,
         limits.clone(),
+        Arc::new(Semaphore::new(limits.max_connections)),
         stop_rx.clone(),
         move |request, _peer| {
             let admin_state = admin_state.clone();
@@ -142,12 +145,14 @@ pub async fn run_with_reload(
         let gateway = Arc::clone(&gateway);
         async move { gateway.handle(request, peer).await }
     };
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut loops = Vec::new();
     for n in 1..workers {
         match event_loop(
             n,
             &listeners.server,
             limits.clone(),
+            Arc::clone(&slots),
             stop_rx.clone(),
             handler.clone(),
         ) {
@@ -155,7 +160,7 @@ pub async fn run_with_reload(
             Err(error) => tracing::error!(%error, "cannot start worker {n}; serving with fewer"),
         }
     }
-    serve(listeners.server, limits, stop_rx, handler).await;
+    serve(listeners.server, limits, slots, stop_rx, handler).await;
     for done in loops {
         let _ = done.await;
     }
@@ -170,6 +175,7 @@ fn event_loop<F, Fut>(
     n: usize,
     first: &TcpListener,
     limits: Limits,
+    slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
     handler: F,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>>
@@ -187,7 +193,7 @@ where
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, limits, stop, handler).await,
+                    Ok(listener) => serve(listener, limits, slots, stop, handler).await,
                     Err(error) => tracing::error!(%error, "worker {n} cannot listen"),
                 }
             });
@@ -258,6 +264,7 @@ struct Limits {
 async fn serve<F, Fut>(
     listener: TcpListener,
     limits: Limits,
+    slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -279,7 +286,6 @@ async fn serve<F, Fut>(
         .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut last_accept_error = None;
     let mut failed_accepts = 0u64;
 

@@ -12,8 +12,9 @@
 //! The cache is only trusted while that channel is known to be up:
 //! - it starts empty and is used only after `CLIENT TRACKING ON` succeeded;
 //! - the connection closing (redis-rs reports it at once) empties it and turns it off;
-//! - a `PING` every [`HEARTBEAT`] must be answered within [`HEARTBEAT`]; an entry is served
-//!   only while the last answer is younger than [`LIVENESS`]. A link that goes silent without
+//! - a `PING` goes out every [`HEARTBEAT`]; an entry is served only while the last answer on
+//!   the connection is younger than [`LIVENESS`] (a `PING` unanswered within `store.timeout`
+//!   drops the connection). A link that goes silent without
 //!   closing (a partition) therefore stops the cache within [`LIVENESS`], and from then on
 //!   every request is checked directly, as without the cache, until tracking is back.
 //!
@@ -35,10 +36,11 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 
 /// How often the tracking connection is pinged.
-pub const HEARTBEAT: Duration = Duration::from_millis(250);
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
 
-/// How old the last answer on the tracking connection may be for the cache to be used.
-pub const LIVENESS: Duration = Duration::from_millis(1000);
+/// How old the last answer on the tracking connection may be for the cache to be used: the
+/// longest a cached answer can outlive a link that went silent (a partition, a hung Redis).
+pub const LIVENESS: Duration = Duration::from_millis(300);
 
 /// Most entries kept; past it the cache starts again empty (a flood of distinct tokens costs
 /// at most this much memory, and then only direct checks).
@@ -256,7 +258,7 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
                 drop(strong);
                 tracing::info!("revocation cache on (Redis client tracking)");
                 warned = false;
-                heartbeat(&cache, id, conn).await;
+                heartbeat(&cache, id, conn, timeout).await;
                 let Some(strong) = cache.upgrade() else {
                     return;
                 };
@@ -279,14 +281,20 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
     }
 }
 
-/// Pings the tracking connection until it fails, fails to answer within [`HEARTBEAT`], is
-/// replaced, or the cache is dropped.
-async fn heartbeat(cache: &Weak<RevocationCache>, id: u64, mut conn: MultiplexedConnection) {
+/// Pings the tracking connection every [`HEARTBEAT`] until a ping fails or goes unanswered
+/// for `timeout`, the connection is replaced, or the cache is dropped. (A late answer turns
+/// the cache off by [`LIVENESS`] alone; only a failed one costs the connection.)
+async fn heartbeat(
+    cache: &Weak<RevocationCache>,
+    id: u64,
+    mut conn: MultiplexedConnection,
+    timeout: Duration,
+) {
     loop {
         tokio::time::sleep(HEARTBEAT).await;
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<()>(&mut conn);
-        let answered = matches!(tokio::time::timeout(HEARTBEAT, ping).await, Ok(Ok(())));
+        let answered = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(())));
         let Some(cache) = cache.upgrade() else { return };
         let mut state = lock(&cache.state);
         if !answered || state.connection.as_ref().is_none_or(|(c, _)| *c != id) {
