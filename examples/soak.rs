@@ -1,15 +1,15 @@
-//! Soak test and benchmark for the real `keycard` binary, run as a subprocess.
+//! Soak test for the real `keycard` binary, run as a subprocess.
 //!
 //! ```text
 //! cargo build --release --bin keycard --example soak
 //! target/release/examples/soak soak  [--duration 60] [--concurrency 32] [--redis URL] ...
-//! target/release/examples/soak bench [--scenario-secs 10] [--wrk PATH | --no-wrk] ...
 //! ```
-//! `scripts/soak.sh` and `scripts/bench.sh` wrap these (Redis, release build, time limits).
+//! `scripts/soak.sh` wraps it (Redis, release build, time limits). The benchmark against other
+//! proxies is `scripts/bench.sh` (`benches/peers.py`).
 //! It is an example rather than a `[[bench]]` so that it needs no Cargo.toml entry; `cargo test`
 //! builds it, so it keeps compiling.
 //!
-//! Both modes build the same stack on loopback only: an in-process echo upstream on
+//! It builds a stack on loopback only: an in-process echo upstream on
 //! 127.0.0.1:0, a Redis (the `--redis` URL, or a `redis-server` spawned on a free loopback
 //! port), and the `keycard` binary (`--keycard`, else the one next to this example's directory,
 //! i.e. `target/release/keycard`) with a generated config: route `/` required and `/public`
@@ -24,11 +24,6 @@
 //! answered 200, a revoked one not 401, a wrong identity at the upstream, a connection error or
 //! timeout), on RSS growth past the threshold, on a keycard crash or an unclean shutdown; 2 when
 //! the stack could not be set up.
-//!
-//! **bench** measures requests/s and p50/p99 latency per scenario (proxied valid-token GET, the
-//! same GET straight to the echo upstream as a baseline, invalid and revoked tokens, the public
-//! route, logins) with `wrk` when it is installed, else with the built-in closed-loop client,
-//! and prints a table with keycard's RSS after each scenario.
 //!
 //! Every load loop is bounded by a deadline *and* a request count; durations are hard-capped.
 
@@ -57,7 +52,6 @@ mod support;
 
 /// Hard caps, whatever the command line says.
 const MAX_DURATION_SECS: u64 = 900;
-const MAX_SCENARIO_SECS: u64 = 120;
 const MAX_CONCURRENCY: usize = 512;
 const MAX_USERS: usize = 1000;
 
@@ -73,17 +67,15 @@ const ECHO_MARK: &[u8] = b"\"headers\":";
 enum Mode {
     /// Mixed traffic for `--duration` seconds; verdict and exit code.
     Soak,
-    /// Throughput and latency per scenario; a table.
-    Bench,
 }
 
 #[derive(Debug, Parser)]
 #[command(
     name = "soak",
-    about = "Soak test and benchmark for the keycard binary (loopback only)"
+    about = "Soak test for the keycard binary (loopback only)"
 )]
 struct Args {
-    /// `soak` or `bench`.
+    /// `soak`.
     mode: Mode,
     /// The keycard binary (default: `keycard` in the directory above this example's).
     #[arg(long, env = "KEYCARD_BIN")]
@@ -94,7 +86,7 @@ struct Args {
     /// Soak: seconds of load (hard cap 900).
     #[arg(long, default_value_t = 60)]
     duration: u64,
-    /// Soak: concurrent workers; bench: connections for the proxied scenarios.
+    /// Soak: concurrent workers.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Soak: users registered before the load (each worker logs in as one of them).
@@ -122,18 +114,6 @@ struct Args {
     /// `KEYCARD_LOG` for the keycard process (its stderr goes to a file).
     #[arg(long, default_value = "info")]
     log_level: String,
-    /// Bench: seconds per scenario (hard cap 120).
-    #[arg(long, default_value_t = 10)]
-    scenario_secs: u64,
-    /// Bench: wrk threads.
-    #[arg(long, default_value_t = 2)]
-    wrk_threads: usize,
-    /// Bench: the wrk binary (default: `wrk` on PATH).
-    #[arg(long)]
-    wrk: Option<PathBuf>,
-    /// Bench: use the built-in client even if wrk is installed.
-    #[arg(long)]
-    no_wrk: bool,
     /// Keep the work directory (config, keycard's log) instead of deleting it.
     #[arg(long)]
     keep: bool,
@@ -154,7 +134,6 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match args.mode {
             Mode::Soak => soak(&args).await,
-            Mode::Bench => bench(&args).await,
         }
     });
     match result {
@@ -1527,421 +1506,6 @@ fn percentiles(v: &mut [u32]) -> (f64, f64) {
         f64::from(v[i]) / 1000.0
     };
     (at(0.50), at(0.99))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bench
-// ---------------------------------------------------------------------------------------------
-
-struct Scenario {
-    name: &'static str,
-    url: String,
-    bearer: Option<String>,
-    /// A JSON body: the request is a POST.
-    body: Option<Value>,
-    expected: u16,
-    connections: usize,
-}
-
-struct BenchRow {
-    name: &'static str,
-    tool: &'static str,
-    connections: usize,
-    requests: u64,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Answers other than the expected status.
-    unexpected: u64,
-    errors: u64,
-    rss_kib: u64,
-}
-
-async fn bench(args: &Args) -> Result<bool, Error> {
-    let secs = args.scenario_secs.clamp(1, MAX_SCENARIO_SECS);
-    let connections = args.concurrency.clamp(1, MAX_CONCURRENCY);
-    let wrk = if args.no_wrk {
-        None
-    } else {
-        args.wrk.clone().or_else(|| which("wrk"))
-    };
-    let mut stack = Stack::start(args).await?;
-    let pid = stack.keycard.pid();
-    let user = "bench-user";
-    stack.register(user).await?;
-    let session = stack.login(user).await?;
-    let revoked = stack.login(user).await?;
-    let r = stack
-        .send(
-            Method::DELETE,
-            &stack.url("/logout"),
-            Some(&revoked.access),
-            None,
-            None,
-        )
-        .await
-        .map_err(|f| format!("logout: {f:?}"))?;
-    if r.status != 200 {
-        return Err(format!("logout: {} {}", r.status, r.text()).into());
-    }
-    let mut wrong_secret =
-        format!("{}{}", support::random_jti(), support::random_jti()).into_bytes();
-    wrong_secret.extend_from_slice(b"-not-keycards");
-    let bad_signature = forge(&wrong_secret, user, 600);
-    let start_rss = rss_kib(pid).map_or(0, |(kib, _)| kib);
-
-    let scenarios = vec![
-        Scenario {
-            name: "a) proxied GET, valid token",
-            url: stack.url("/api/items/1"),
-            bearer: Some(session.access.clone()),
-            body: None,
-            expected: 200,
-            connections,
-        },
-        Scenario {
-            name: "b) same GET direct to upstream",
-            url: format!("http://{}/api/items/1", stack.echo),
-            bearer: Some(session.access.clone()),
-            body: None,
-            expected: 200,
-            connections,
-        },
-        Scenario {
-            name: "c) invalid token (bad sig) 401",
-            url: stack.url("/api/items/1"),
-            bearer: Some(bad_signature),
-            body: None,
-            expected: 401,
-            connections,
-        },
-        Scenario {
-            name: "d) public route, no token",
-            url: stack.url("/public/hello"),
-            bearer: None,
-            body: None,
-            expected: 200,
-            connections,
-        },
-        Scenario {
-            name: "e) revoked token 401",
-            url: stack.url("/api/items/1"),
-            bearer: Some(revoked.access.clone()),
-            body: None,
-            expected: 401,
-            connections,
-        },
-        Scenario {
-            name: "f) login (argon2id)",
-            url: stack.url("/login"),
-            bearer: None,
-            body: Some(json!({ "username": user, "password": PASSWORD })),
-            // More than keycard hashes at once, within its queue: measures hashing throughput.
-            expected: 200,
-            connections: 4,
-        },
-    ];
-
-    eprintln!(
-        "bench: {} scenarios x {secs}s with {}; keycard pid {pid}",
-        scenarios.len(),
-        wrk.as_ref()
-            .map_or("the built-in client".into(), |p| p.display().to_string())
-    );
-    let mut rows = Vec::new();
-    for scenario in &scenarios {
-        // Each scenario is preceded by a one-second warm-up with the same request.
-        let row = match &wrk {
-            Some(wrk) => {
-                run_wrk(wrk, scenario, Duration::from_secs(1), args, &stack.workdir)?;
-                run_wrk(
-                    wrk,
-                    scenario,
-                    Duration::from_secs(secs),
-                    args,
-                    &stack.workdir,
-                )?
-            }
-            None => {
-                run_builtin(&stack, scenario, Duration::from_secs(1)).await;
-                run_builtin(&stack, scenario, Duration::from_secs(secs)).await
-            }
-        };
-        let mut row = row;
-        row.rss_kib = rss_kib(pid).map_or(0, |(kib, _)| kib);
-        eprintln!(
-            "bench: {:<32} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
-            row.name, row.rps, row.p50_ms, row.p99_ms
-        );
-        rows.push(row);
-        if let Some(status) = stack.keycard.exited() {
-            return Err(format!("keycard exited during the bench: {status}").into());
-        }
-    }
-    let peak = rss_kib(pid).map_or(0, |(_, hwm)| hwm);
-
-    println!();
-    println!(
-        "keycard bench: {secs}s per scenario, loopback, {} CPUs shared by client, keycard and echo upstream",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!();
-    println!(
-        "{:<32} {:>5} {:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6} {:>8}",
-        "scenario",
-        "tool",
-        "conns",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "unexpected",
-        "errors",
-        "RSS MiB"
-    );
-    let mut ok = true;
-    for r in &rows {
-        println!(
-            "{:<32} {:>5} {:>5} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>10} {:>6} {:>8.1}",
-            r.name,
-            r.tool,
-            r.connections,
-            r.requests,
-            r.rps,
-            r.p50_ms,
-            r.p99_ms,
-            r.unexpected,
-            r.errors,
-            mib(r.rss_kib)
-        );
-        if r.unexpected > 0 || r.errors > 0 || r.requests == 0 {
-            ok = false;
-        }
-    }
-    println!();
-    if let (Some(a), Some(b)) = (rows.first(), rows.get(1)) {
-        println!(
-            "keycard overhead vs direct (a - b): p50 {:+.2} ms, p99 {:+.2} ms, throughput {:.0}% of direct",
-            a.p50_ms - b.p50_ms,
-            a.p99_ms - b.p99_ms,
-            if b.rps > 0.0 {
-                a.rps * 100.0 / b.rps
-            } else {
-                0.0
-            }
-        );
-    }
-    println!(
-        "keycard RSS: {:.1} MiB after setup, {:.1} MiB peak (VmHWM)",
-        mib(start_rss),
-        mib(peak)
-    );
-    match stack.keycard.terminate(Duration::from_secs(40)) {
-        Ok((status, _)) if status.success() => {}
-        Ok((status, _)) => {
-            println!("unclean shutdown: {status}");
-            ok = false;
-        }
-        Err(e) => {
-            println!("{e}");
-            ok = false;
-        }
-    }
-    if !ok {
-        println!("BENCH: some scenario had unexpected answers or errors (see the table)");
-    }
-    Ok(ok)
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// One wrk run; wrk counts every non-2xx/3xx answer, so for 401 scenarios "unexpected" is the
-/// number of 2xx/3xx answers instead.
-fn run_wrk(
-    wrk: &Path,
-    s: &Scenario,
-    duration: Duration,
-    args: &Args,
-    workdir: &Path,
-) -> Result<BenchRow, Error> {
-    let threads = args.wrk_threads.clamp(1, s.connections);
-    let mut cmd = Command::new(wrk);
-    cmd.arg("-t")
-        .arg(threads.to_string())
-        .arg("-c")
-        .arg(s.connections.to_string())
-        .arg("-d")
-        .arg(format!("{}s", duration.as_secs()))
-        .arg("--timeout")
-        .arg(format!("{}s", (args.timeout_ms / 1000).max(1)))
-        .arg("--latency");
-    if let Some(token) = &s.bearer {
-        cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
-    }
-    if let Some(body) = &s.body {
-        let script = workdir.join("post.lua");
-        let body = body.to_string().replace('\\', "\\\\").replace('"', "\\\"");
-        std::fs::write(
-            &script,
-            format!(
-                "wrk.method = \"POST\"\nwrk.body = \"{body}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
-            ),
-        )?;
-        cmd.arg("-s").arg(&script);
-    }
-    cmd.arg(&s.url);
-    let out = cmd.stdin(Stdio::null()).output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "wrk failed ({}): {text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let mut requests: u64 = 0;
-    let mut rps = 0.0;
-    let mut p50 = 0.0;
-    let mut p99 = 0.0;
-    let mut non_2xx: u64 = 0;
-    let mut errors: u64 = 0;
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("Requests/sec:") {
-            rps = rest.trim().parse().unwrap_or(0.0);
-        } else if let Some(rest) = line.strip_prefix("50%") {
-            p50 = wrk_ms(rest.trim());
-        } else if let Some(rest) = line.strip_prefix("99%") {
-            p99 = wrk_ms(rest.trim());
-        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            non_2xx = rest.trim().parse().unwrap_or(0);
-        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
-            // "connect 0, read 0, write 0, timeout 0"
-            errors = rest
-                .split(',')
-                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum();
-        } else if line.contains(" requests in ") {
-            requests = line
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-        }
-    }
-    let unexpected = if s.expected < 300 {
-        non_2xx
-    } else {
-        requests.saturating_sub(non_2xx)
-    };
-    Ok(BenchRow {
-        name: s.name,
-        tool: "wrk",
-        connections: s.connections,
-        requests,
-        rps,
-        p50_ms: p50,
-        p99_ms: p99,
-        unexpected,
-        errors,
-        rss_kib: 0,
-    })
-}
-
-/// "1.23ms", "456.00us", "1.02s" -> milliseconds.
-fn wrk_ms(v: &str) -> f64 {
-    let (num, factor) = if let Some(n) = v.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (v, 1.0)
-    };
-    num.trim().parse::<f64>().unwrap_or(0.0) * factor
-}
-
-/// The built-in closed loop: `connections` tasks sending the same request until the deadline
-/// (and at most 10 million requests).
-async fn run_builtin(stack: &Stack, s: &Scenario, duration: Duration) -> BenchRow {
-    let deadline = Instant::now() + duration;
-    let budget = Arc::new(AtomicU64::new(10_000_000));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..s.connections)
-        .map(|_| {
-            let client = stack.client.clone();
-            let timeout = stack.timeout;
-            let url = s.url.clone();
-            let bearer = s.bearer.clone();
-            let body = s.body.clone();
-            let expected = s.expected;
-            let budget = budget.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let (mut unexpected, mut errors) = (0u64, 0u64);
-                while Instant::now() < deadline
-                    && budget
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-                        .is_ok()
-                {
-                    let method = if body.is_some() {
-                        Method::POST
-                    } else {
-                        Method::GET
-                    };
-                    let t = Instant::now();
-                    match send(
-                        &client,
-                        timeout,
-                        method,
-                        &url,
-                        bearer.as_deref(),
-                        body.as_ref(),
-                        None,
-                    )
-                    .await
-                    {
-                        Ok(r) if r.status == expected => {}
-                        Ok(_) => unexpected += 1,
-                        Err(_) => errors += 1,
-                    }
-                    lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                }
-                (lat, unexpected, errors)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let (mut unexpected, mut errors) = (0, 0);
-    for t in tasks {
-        if let Ok((mut lat, u, e)) = t.await {
-            all.append(&mut lat);
-            unexpected += u;
-            errors += e;
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let requests = all.len() as u64;
-    let (p50, p99) = percentiles(&mut all);
-    BenchRow {
-        name: s.name,
-        tool: "tokio",
-        connections: s.connections,
-        requests,
-        rps: requests as f64 / elapsed,
-        p50_ms: p50,
-        p99_ms: p99,
-        unexpected,
-        errors,
-        rss_kib: 0,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
