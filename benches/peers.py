@@ -286,7 +286,7 @@ def run(args, work, spawn):
     with open(ha_conf, "w") as f:
         f.write(f"""global
   nbthread {W}
-  maxconn 8192
+  maxconn 1500
 defaults
   mode http
   timeout connect 5s

@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{self, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use std::cell::RefCell;
+
+use argon2::password_hash::{self, Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PasswordConfig;
@@ -181,34 +183,83 @@ fn argon2id(params: Params) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes with a fresh random salt; runs synchronously (callers put it on the blocking pool).
-fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, PasswordError> {
-    let salt = SaltString::generate(&mut OsRng);
-    argon2id(params.clone())
-        .hash_password(password, &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| PasswordError::Internal(format!("hashing failed: {e}")))
+thread_local! {
+    /// argon2's working memory (`memory_kib`, 19 MiB by default), kept by each hashing thread
+    /// from one hash to the next. Allocating it afresh for every hash cost a new mapping and
+    /// its page faults each time: about a quarter of a login's time in `scripts/bench.sh`.
+    /// It goes back to the OS with the thread, which tokio's blocking pool ends after 10 s
+    /// without work, so an idle gateway holds none of it.
+    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Verifies against a PHC string using the parameters it carries; runs synchronously.
+/// argon2 of `password` and `salt` into `out`, in this thread's kept working memory.
+fn argon2_into(
+    argon: &Argon2<'_>,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), password_hash::Error> {
+    MEMORY.with_borrow_mut(|memory| {
+        let blocks = argon.params().block_count();
+        if memory.len() != blocks {
+            memory.clear();
+            memory.shrink_to_fit();
+            memory.resize(blocks, Block::default());
+        }
+        Ok(argon.hash_password_into_with_memory(password, salt, out, &mut memory[..])?)
+    })
+}
+
+/// Hashes with a fresh random salt; runs synchronously (callers put it on the blocking pool).
+fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, PasswordError> {
+    let fail = |e: password_hash::Error| PasswordError::Internal(format!("hashing failed: {e}"));
+    let salt = SaltString::generate(&mut OsRng);
+    let argon = argon2id(params.clone());
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.as_salt().decode_b64(&mut salt_bytes).map_err(fail)?;
+    let length = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let output = Output::init_with(length, |out| argon2_into(&argon, password, salt_bytes, out))
+        .map_err(fail)?;
+    let hash = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(params).map_err(fail)?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(hash.to_string())
+}
+
+/// Verifies against a PHC string using the algorithm, version and parameters it carries (what
+/// `PasswordVerifier::verify_password` does, in the kept memory); runs synchronously.
 fn verify_blocking(phc: &str, password: &[u8]) -> Result<bool, PasswordError> {
     let parsed = PasswordHash::new(phc).map_err(|e| {
         // The parse error names what is wrong with the format, never the hash contents.
         tracing::error!(error = %e, "stored password hash cannot be parsed");
         PasswordError::Internal(format!("stored password hash is malformed: {e}"))
     })?;
-    // The hasher's own params are irrelevant here: `verify_password` rebuilds the hasher from
-    // the algorithm, version and params in the PHC string.
-    match argon2id(Params::default()).verify_password(password, &parsed) {
-        Ok(()) => Ok(true),
-        Err(password_hash::Error::Password) => Ok(false),
-        Err(e) => {
-            tracing::error!(error = %e, "stored password hash cannot be verified");
-            Err(PasswordError::Internal(format!(
-                "stored password hash is unusable: {e}"
-            )))
-        }
-    }
+    let unusable = |e: password_hash::Error| {
+        tracing::error!(error = %e, "stored password hash cannot be verified");
+        PasswordError::Internal(format!("stored password hash is unusable: {e}"))
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(unusable(password_hash::Error::PhcStringField));
+    };
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(unusable)?;
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(|e| unusable(e.into()))?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(&parsed).map_err(unusable)?;
+    let argon = Argon2::new(algorithm, version, params);
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(unusable)?;
+    let computed = Output::init_with(expected.len(), |out| {
+        argon2_into(&argon, password, salt_bytes, out)
+    })
+    .map_err(unusable)?;
+    // `Output`'s equality is constant-time.
+    Ok(computed == expected)
 }
 
 #[cfg(test)]
@@ -246,6 +297,27 @@ mod tests {
         let p = passwords();
         assert!(!p.verify("anything", None).await.unwrap());
         assert!(!p.verify("", None).await.unwrap());
+    }
+
+    #[test]
+    fn hashes_interoperate_with_the_argon2_crates_own_hasher_and_verifier() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let params = Params::new(64, 1, 1, None).unwrap();
+        // Ours, checked by the crate's verifier; the crate's, checked by ours.
+        let ours = hash_blocking(&params, b"pw-one").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(argon2id(params.clone()).verify_password(b"pw-one", &parsed).is_ok());
+        assert!(argon2id(params.clone()).verify_password(b"pw-two", &parsed).is_err());
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = argon2id(Params::new(128, 2, 1, None).unwrap())
+            .hash_password(b"pw-one", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_blocking(&theirs, b"pw-one").unwrap());
+        assert!(!verify_blocking(&theirs, b"pw-two").unwrap());
+        // The kept memory follows each hash's own cost, down as well as up.
+        assert!(verify_blocking(&ours, b"pw-one").unwrap());
+        assert!(verify_blocking(&theirs, b"pw-one").unwrap());
     }
 
     #[tokio::test]
