@@ -11,13 +11,11 @@
 //!    eat memory and latency;
 //! 2. runs on tokio's blocking pool, holding its slot until the hash is done.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
-use std::cell::RefCell;
-
 use argon2::password_hash::{self, Output, ParamsString, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -49,6 +47,8 @@ pub struct Passwords {
     /// does not exist, so "no such user" costs as much as "wrong password" and response time
     /// does not reveal which usernames are registered.
     dummy_phc: Arc<str>,
+    /// argon2's working memory, kept between hashes.
+    memory: Arc<Memory>,
 }
 
 impl std::fmt::Debug for Passwords {
@@ -86,9 +86,12 @@ impl Passwords {
         let mut random = [0u8; 32];
         getrandom::fill(&mut random)
             .map_err(|e| PasswordError::Internal(format!("random source failed: {e}")))?;
-        let dummy_phc = hash_blocking(&params, &random)?;
+        let memory = Arc::new(Memory::default());
+        let dummy_phc = hash_blocking(&memory, &params, &random)?;
+        Memory::spawn_sweeper(&memory);
 
         Ok(Passwords {
+            memory,
             params,
             permits: Arc::new(Semaphore::new(config.max_concurrent)),
             queue_timeout: config.queue_timeout,
@@ -102,7 +105,8 @@ impl Passwords {
     pub async fn hash(&self, password: &str) -> Result<String, PasswordError> {
         let params = self.params.clone();
         let password = password.to_owned();
-        self.run_bounded(move || hash_blocking(&params, password.as_bytes()))
+        let memory = Arc::clone(&self.memory);
+        self.run_bounded(move || hash_blocking(&memory, &params, password.as_bytes()))
             .await
     }
 
@@ -119,8 +123,9 @@ impl Passwords {
             None => Arc::clone(&self.dummy_phc),
         };
         let password = password.to_owned();
+        let memory = Arc::clone(&self.memory);
         let matched = self
-            .run_bounded(move || verify_blocking(&phc, password.as_bytes()))
+            .run_bounded(move || verify_blocking(&memory, &phc, password.as_bytes()))
             .await?;
         Ok(known_user && matched)
     }
@@ -183,43 +188,95 @@ fn argon2id(params: Params) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-thread_local! {
-    /// argon2's working memory (`memory_kib`, 19 MiB by default), kept by each hashing thread
-    /// from one hash to the next. Allocating it afresh for every hash cost a new mapping and
-    /// its page faults each time: about a quarter of a login's time in `scripts/bench.sh`.
-    /// It goes back to the OS with the thread, which tokio's blocking pool ends after 10 s
-    /// without work, so an idle gateway holds none of it.
-    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+/// argon2's working memory (`memory_kib`, 19 MiB by default), kept from one hash to the
+/// next. Allocating it afresh for every hash cost a new mapping and its page faults each time:
+/// about a quarter of a login's time in `scripts/bench.sh`. At most `max_concurrent` buffers
+/// exist (one per running hash); one unused for [`KEEP_MEMORY`] goes back to the OS, so an
+/// idle gateway holds none.
+#[derive(Default)]
+struct Memory {
+    free: Mutex<Vec<(Vec<Block>, Instant)>>,
 }
 
-/// argon2 of `password` and `salt` into `out`, in this thread's kept working memory.
+/// How long an unused argon2 buffer is kept.
+const KEEP_MEMORY: Duration = Duration::from_secs(10);
+
+impl Memory {
+    /// A buffer of exactly `blocks` blocks: a kept one, or a new one.
+    fn take(&self, blocks: usize) -> Vec<Block> {
+        let mut free = self.lock();
+        // A cost change leaves buffers of the old size behind: drop those.
+        free.retain(|(buffer, _)| buffer.len() == blocks);
+        match free.pop() {
+            Some((buffer, _)) => buffer,
+            None => vec![Block::default(); blocks],
+        }
+    }
+
+    fn give(&self, buffer: Vec<Block>) {
+        self.lock().push((buffer, Instant::now()));
+    }
+
+    /// Drops buffers unused for [`KEEP_MEMORY`].
+    fn sweep(&self) {
+        self.lock().retain(|(_, at)| at.elapsed() < KEEP_MEMORY);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Vec<Block>, Instant)>> {
+        self.free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sweeps every half [`KEEP_MEMORY`] while the memory is in use (when there is a runtime).
+    fn spawn_sweeper(memory: &Arc<Memory>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let memory = Arc::downgrade(memory);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(KEEP_MEMORY / 2);
+            loop {
+                every.tick().await;
+                match memory.upgrade() {
+                    Some(memory) => memory.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+/// argon2 of `password` and `salt` into `out`, in kept working memory.
 fn argon2_into(
+    memory: &Memory,
     argon: &Argon2<'_>,
     password: &[u8],
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), password_hash::Error> {
-    MEMORY.with_borrow_mut(|memory| {
-        let blocks = argon.params().block_count();
-        if memory.len() != blocks {
-            memory.clear();
-            memory.shrink_to_fit();
-            memory.resize(blocks, Block::default());
-        }
-        Ok(argon.hash_password_into_with_memory(password, salt, out, &mut memory[..])?)
-    })
+    let mut buffer = memory.take(argon.params().block_count());
+    let hashed = argon.hash_password_into_with_memory(password, salt, out, &mut buffer[..]);
+    memory.give(buffer);
+    Ok(hashed?)
 }
 
 /// Hashes with a fresh random salt; runs synchronously (callers put it on the blocking pool).
-fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, PasswordError> {
+fn hash_blocking(
+    memory: &Memory,
+    params: &Params,
+    password: &[u8],
+) -> Result<String, PasswordError> {
     let fail = |e: password_hash::Error| PasswordError::Internal(format!("hashing failed: {e}"));
     let salt = SaltString::generate(&mut OsRng);
     let argon = argon2id(params.clone());
     let mut salt_bytes = [0u8; 64];
     let salt_bytes = salt.as_salt().decode_b64(&mut salt_bytes).map_err(fail)?;
     let length = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
-    let output = Output::init_with(length, |out| argon2_into(&argon, password, salt_bytes, out))
-        .map_err(fail)?;
+    let output = Output::init_with(length, |out| {
+        argon2_into(memory, &argon, password, salt_bytes, out)
+    })
+    .map_err(fail)?;
     let hash = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
@@ -232,7 +289,7 @@ fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, PasswordErr
 
 /// Verifies against a PHC string using the algorithm, version and parameters it carries (what
 /// `PasswordVerifier::verify_password` does, in the kept memory); runs synchronously.
-fn verify_blocking(phc: &str, password: &[u8]) -> Result<bool, PasswordError> {
+fn verify_blocking(memory: &Memory, phc: &str, password: &[u8]) -> Result<bool, PasswordError> {
     let parsed = PasswordHash::new(phc).map_err(|e| {
         // The parse error names what is wrong with the format, never the hash contents.
         tracing::error!(error = %e, "stored password hash cannot be parsed");
@@ -255,7 +312,7 @@ fn verify_blocking(phc: &str, password: &[u8]) -> Result<bool, PasswordError> {
     let mut salt_bytes = [0u8; 64];
     let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(unusable)?;
     let computed = Output::init_with(expected.len(), |out| {
-        argon2_into(&argon, password, salt_bytes, out)
+        argon2_into(memory, &argon, password, salt_bytes, out)
     })
     .map_err(unusable)?;
     // `Output`'s equality is constant-time.
@@ -304,20 +361,33 @@ mod tests {
         use argon2::password_hash::{PasswordHasher, PasswordVerifier};
         let params = Params::new(64, 1, 1, None).unwrap();
         // Ours, checked by the crate's verifier; the crate's, checked by ours.
-        let ours = hash_blocking(&params, b"pw-one").unwrap();
+        let memory = Memory::default();
+        let ours = hash_blocking(&memory, &params, b"pw-one").unwrap();
         let parsed = PasswordHash::new(&ours).unwrap();
-        assert!(argon2id(params.clone()).verify_password(b"pw-one", &parsed).is_ok());
-        assert!(argon2id(params.clone()).verify_password(b"pw-two", &parsed).is_err());
+        assert!(
+            argon2id(params.clone())
+                .verify_password(b"pw-one", &parsed)
+                .is_ok()
+        );
+        assert!(
+            argon2id(params.clone())
+                .verify_password(b"pw-two", &parsed)
+                .is_err()
+        );
         let salt = SaltString::generate(&mut OsRng);
         let theirs = argon2id(Params::new(128, 2, 1, None).unwrap())
             .hash_password(b"pw-one", &salt)
             .unwrap()
             .to_string();
-        assert!(verify_blocking(&theirs, b"pw-one").unwrap());
-        assert!(!verify_blocking(&theirs, b"pw-two").unwrap());
+        assert!(verify_blocking(&memory, &theirs, b"pw-one").unwrap());
+        assert!(!verify_blocking(&memory, &theirs, b"pw-two").unwrap());
         // The kept memory follows each hash's own cost, down as well as up.
-        assert!(verify_blocking(&ours, b"pw-one").unwrap());
-        assert!(verify_blocking(&theirs, b"pw-one").unwrap());
+        assert!(verify_blocking(&memory, &ours, b"pw-one").unwrap());
+        assert!(verify_blocking(&memory, &theirs, b"pw-one").unwrap());
+        assert_eq!(memory.lock().len(), 1, "one buffer, of the last size");
+        memory.lock()[0].1 -= KEEP_MEMORY;
+        memory.sweep();
+        assert!(memory.lock().is_empty(), "an unused buffer goes");
     }
 
     #[tokio::test]
