@@ -200,7 +200,13 @@ fn listen_error(key: &str, addr: SocketAddr, e: std::io::Error) -> String {
 
 /// The public listener, with `SO_REUSEPORT` so that each worker's event loop can open its own
 /// socket on the same address (see `keycard::server`).
+///
+/// `SO_REUSEPORT` alone would also let a second process of the same user (an old instance, a
+/// double start) bind the address and silently take a share of the connections under its own
+/// config. So the address is first bound the ordinary way, which fails while anyone listens
+/// there; a later keycard's probe fails against ours the same way.
 fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

@@ -562,7 +562,7 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
         // free_port() is only free "a moment ago": another test may take it before keycard
         // binds it. keycard then exits with "cannot listen"; try again with new ports.
         let mut attempt = 0;
-        let (mut child, guard, port) = loop {
+        let (mut child, guard, port, admin_port) = loop {
             attempt += 1;
             let (port, admin_port) = (free_port(), free_port());
             let mut opts = GatewayOpts::new("memory://", &upstream.url());
@@ -623,7 +623,7 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
             if healthy {
-                break (child, guard, port);
+                break (child, guard, port, admin_port);
             }
         };
         let resp = client
@@ -632,6 +632,32 @@ async fn binary_serves_and_exits_zero_on_sigterm_or_sigint_with_json_logs() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
+
+        // Found in review: with SO_REUSEPORT on the public socket, a second process on the
+        // same address started and took a share of the connections. It must refuse instead.
+        let second = dir.join("second.toml");
+        let toml = std::fs::read_to_string(&path).unwrap().replace(
+            &format!("127.0.0.1:{admin_port}\""),
+            &format!("127.0.0.1:{}\"", free_port()),
+        );
+        std::fs::write(&second, toml).unwrap();
+        let out = keycard_bin()
+            .arg("--config")
+            .arg(&second)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "second process on the port: {err}"
+        );
+        assert!(
+            err.contains("server.listen") && err.contains("cannot listen"),
+            "{err}"
+        );
 
         // SIGTERM for the --config run, SIGINT for the KEYCARD_CONFIG one.
         let term = Command::new("kill")

@@ -527,9 +527,15 @@ impl Store {
     /// Starts the revocation cache (see [`crate::auth::tracking`]) on standalone Redis; other
     /// stores are returned unchanged. The gateway calls this; one-shot CLI commands do not.
     pub fn with_revocation_cache(mut self, config: &StoreConfig) -> Result<Store, StoreError> {
-        if let StoreUrl::Redis(url) = &config.url {
-            let client = redis::Client::open(url.as_str())?;
-            self.revocations = Some(RevocationCache::start(&client, config.timeout));
+        match &config.url {
+            StoreUrl::Redis(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                self.revocations = Some(RevocationCache::start(&client, config.timeout));
+            }
+            StoreUrl::Cluster(_) => tracing::info!(
+                "revocation cache off on Redis Cluster: every request is checked in Redis"
+            ),
+            StoreUrl::Memory => {}
         }
         Ok(self)
     }
