@@ -34,7 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
-use crate::auth::tracking::RevocationCache;
+use crate::auth::tracking::{Lookup, RevocationCache};
 use crate::config::{StoreConfig, StoreUrl};
 
 /// Why a store operation failed. Every variant means "could not find out", so callers fail
@@ -540,9 +540,9 @@ impl Store {
         Ok(self)
     }
 
-    /// Whether the revocation cache is serving answers now.
-    pub fn revocation_cache_live(&self) -> bool {
-        self.revocations.as_ref().is_some_and(|c| c.is_live())
+    /// Whether the revocation cache's tracking connection is up now.
+    pub fn revocation_cache_on(&self) -> bool {
+        self.revocations.as_ref().is_some_and(|c| c.is_on())
     }
 
     /// Runs one Redis command on the shared connection (either kind), bounded by
@@ -712,10 +712,11 @@ impl Store {
         Ok(current > generation || values.iter().skip(1).any(Option::is_some))
     }
 
-    /// `MGET keys` for the revocation check: from the revocation cache when it has them all,
-    /// else over its tracking connection (which keeps what it read), else directly. A tracking
-    /// connection that fails is turned off and the read made directly, except on a timeout
-    /// (Redis itself is slow: one timeout is enough).
+    /// `MGET keys` for the revocation check: from the revocation cache when it has them all
+    /// (confirmed by a fence, see [`crate::auth::tracking`]), else over its tracking
+    /// connection (which keeps what it read), else directly. A tracking connection that fails
+    /// is turned off and the read made directly, except on a timeout (Redis itself is slow:
+    /// one timeout is enough).
     async fn read_revocations(
         &self,
         conn: &Remote,
@@ -724,21 +725,23 @@ impl Store {
         let mut mget = redis::cmd("MGET");
         mget.arg(keys);
         if let Some(cache) = &self.revocations {
-            if let Some(values) = cache.get(keys) {
-                return Ok(values);
-            }
-            if let Some(ticket) = cache.ticket() {
-                let read: Result<Vec<Option<String>>, _> =
-                    self.query(&ticket.connection, &mget).await;
-                match read {
-                    Ok(values) => {
-                        ticket.store(keys, &values);
-                        return Ok(values);
-                    }
-                    Err(error) => {
-                        ticket.failed();
-                        if matches!(error, StoreError::Timeout(_)) {
-                            return Err(error);
+            match cache.lookup(keys, self.timeout).await {
+                Lookup::Hit(values) => return Ok(values),
+                Lookup::TimedOut => return Err(StoreError::Timeout(self.timeout)),
+                Lookup::Off => {}
+                Lookup::Miss(ticket) => {
+                    let read: Result<Vec<Option<String>>, _> =
+                        self.query(&ticket.connection, &mget).await;
+                    match read {
+                        Ok(values) => {
+                            ticket.store(keys, &values);
+                            return Ok(values);
+                        }
+                        Err(error) => {
+                            ticket.failed();
+                            if matches!(error, StoreError::Timeout(_)) {
+                                return Err(error);
+                            }
                         }
                     }
                 }

@@ -1,46 +1,46 @@
 //! Revocation cache: the per-request revocation check answered from memory, kept exact by
-//! Redis itself (server-assisted client-side caching, RESP3 `CLIENT TRACKING`).
+//! Redis itself (server-assisted client-side caching, RESP3 `CLIENT TRACKING`), with one
+//! shared `PING` standing in for many requests' reads.
 //!
 //! The check reads the same few keys for every request of a session (`generation:<user>`,
 //! `revoked:<jti>`, `family:<id>`), and they almost never change. So keycard keeps one extra
-//! RESP3 connection with `CLIENT TRACKING ON`: every `MGET` of those keys goes over it, which
-//! makes Redis remember that keycard read them, and the answers are kept here. When any
+//! RESP3 connection with `CLIENT TRACKING ON`: a miss reads the keys over it with `MGET`,
+//! which makes Redis remember that keycard read them, and the answer is kept here. When any
 //! process writes one of those keys (a logout, `redis-cli SET ...revoked:<jti> 1`, an expiry,
-//! `FLUSHALL`), Redis pushes an invalidation on that connection and the entry is dropped before
-//! the connection reads anything else; the next request reads Redis again.
+//! `FLUSHALL`), Redis pushes an invalidation on that connection and the entry is dropped as
+//! the connection reads it.
 //!
-//! The cache is only trusted while that channel is known to be up:
-//! - it starts empty and is used only after `CLIENT TRACKING ON` succeeded;
-//! - the connection closing (redis-rs reports it at once) empties it and turns it off;
-//! - a `PING` goes out every [`HEARTBEAT`]; an entry is served only while the last answer on
-//!   the connection is younger than [`LIVENESS`] (a `PING` unanswered within `store.timeout`
-//!   drops the connection). A link that goes silent without
-//!   closing (a partition) therefore stops the cache within [`LIVENESS`], and from then on
-//!   every request is checked directly, as without the cache, until tracking is back.
+//! **The fence.** An invalidation is sent when the write happens, but it still has to travel
+//! and be read; a request that arrives right after the writer's reply could otherwise be
+//! answered from the entry it is about to drop. So a cached answer is only used once a `PING`
+//! *sent after the request arrived* has been answered on the tracking connection. Redis
+//! executes that `PING` after any write that finished before the request arrived, and
+//! answers on one connection in order, so every invalidation for such a write has been read
+//! (and its entry dropped) before the `PONG`. One `PING` is shared by every request that
+//! arrived while the one before it was in flight, so under load it costs a fraction of a read
+//! per request; it also proves the link is alive, so a silent link (a partition, a hung
+//! Redis) fails closed after `store.timeout` like a direct read.
 //!
-//! A read and an invalidation can cross: the `MGET` answer is handed to the request while the
-//! connection goes on to read an invalidation of one of its keys. Every invalidation and every
-//! change of connection bumps a counter, and an answer is only stored if the counter has not
-//! moved since its `MGET` was sent, under the same lock; an invalidation processed after the
-//! store removes the entry it would have made stale. So an entry is never older than the last
-//! invalidation Redis sent for its key.
+//! A read and an invalidation can also cross the other way: the `MGET` answer is handed to
+//! the request while the connection goes on to read an invalidation of one of its keys.
+//! Every invalidation and every change of connection bumps a counter, and an answer is only
+//! stored if the counter has not moved since its `MGET` was sent, under the same lock.
 //!
-//! Redis Cluster and Redis-compatible servers without `CLIENT TRACKING` (or an ACL that
-//! forbids it) get no cache: every request is checked directly.
+//! The cache is off (every request checked directly, as without it) until `CLIENT TRACKING
+//! ON` succeeded, and from the moment the connection closes or a `PING` fails until a new one
+//! is made; it starts empty each time. Redis Cluster and servers without `CLIENT TRACKING`
+//! (or an ACL that forbids it) get no cache.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{Notify, watch};
 
-/// How often the tracking connection is pinged.
-pub const HEARTBEAT: Duration = Duration::from_millis(100);
-
-/// How old the last answer on the tracking connection may be for the cache to be used: the
-/// longest a cached answer can outlive a link that went silent (a partition, a hung Redis).
-pub const LIVENESS: Duration = Duration::from_millis(300);
+/// How often the tracking connection is pinged when no request asks for a fence.
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// Most entries kept; past it the cache starts again empty (a flood of distinct tokens costs
 /// at most this much memory, and then only direct checks).
@@ -52,13 +52,23 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The cache, shared by every request and the task that keeps the connection.
 pub struct RevocationCache {
     state: Mutex<State>,
+    /// Wakes the pinger: a request wants a fence.
+    demand: Notify,
+    /// The last `PING` answered (its number), and whether the connection is up.
+    fence: watch::Sender<Fence>,
+}
+
+#[derive(Clone, Copy)]
+struct Fence {
+    answered: u64,
+    up: bool,
 }
 
 impl std::fmt::Debug for RevocationCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = lock(&self.state);
         f.debug_struct("RevocationCache")
-            .field("live", &state.connection.is_some())
+            .field("up", &state.connection.is_some())
             .field("entries", &state.entries.len())
             .finish()
     }
@@ -71,17 +81,13 @@ struct State {
     version: u64,
     /// The tracking connection while tracking is on, with its id.
     connection: Option<(u64, MultiplexedConnection)>,
-    /// When the tracking connection last answered.
-    last_answer: Instant,
+    /// How many `PING`s have been sent (numbered from 1).
+    pings_sent: u64,
 }
 
 impl State {
-    fn live(&self, now: Instant) -> bool {
-        self.connection.is_some() && now.duration_since(self.last_answer) < LIVENESS
-    }
-
     /// Empties the cache and turns it off (if `id` is the current connection's).
-    fn down(&mut self, id: u64) {
+    fn down(&mut self, id: u64) -> bool {
         if self
             .connection
             .as_ref()
@@ -90,8 +96,22 @@ impl State {
             self.connection = None;
             self.entries.clear();
             self.version += 1;
+            return true;
         }
+        false
     }
+}
+
+/// What the cache says about a set of keys.
+pub enum Lookup<'a> {
+    /// Their values, confirmed fresh by a fence.
+    Hit(Vec<Option<String>>),
+    /// Not all cached: read them over the tracking connection, then [`Ticket::store`].
+    Miss(Ticket<'a>),
+    /// The cache is off: read them directly.
+    Off,
+    /// The fence was not answered within the store's timeout.
+    TimedOut,
 }
 
 /// A read to make over the tracking connection, then to store with [`Ticket::store`].
@@ -117,12 +137,11 @@ impl Ticket<'_> {
         for (key, value) in keys.iter().zip(values) {
             state.entries.insert(key.clone(), value.clone());
         }
-        state.last_answer = Instant::now();
     }
 
     /// The read failed: the connection is not trusted until it is made again.
     pub fn failed(self) {
-        lock(&self.cache.state).down(self.id);
+        self.cache.down(self.id);
     }
 }
 
@@ -135,7 +154,12 @@ impl RevocationCache {
                 entries: HashMap::new(),
                 version: 0,
                 connection: None,
-                last_answer: Instant::now(),
+                pings_sent: 0,
+            }),
+            demand: Notify::new(),
+            fence: watch::Sender::new(Fence {
+                answered: 0,
+                up: false,
             }),
         });
         let info = client.get_connection_info().clone();
@@ -153,28 +177,55 @@ impl RevocationCache {
         cache
     }
 
-    /// The values of `keys` if every one is cached and the cache is live; else `None`.
-    pub fn get(&self, keys: &[String]) -> Option<Vec<Option<String>>> {
-        let state = lock(&self.state);
-        if !state.live(Instant::now()) {
-            return None;
+    /// Looks `keys` up: cached values once a fence confirms them (waiting at most
+    /// `timeout`), else a ticket to read them over the tracking connection, else `Off`.
+    pub async fn lookup(&self, keys: &[String], timeout: Duration) -> Lookup<'_> {
+        let wanted = {
+            let state = lock(&self.state);
+            if state.connection.is_none() {
+                return Lookup::Off;
+            }
+            if !keys.iter().all(|k| state.entries.contains_key(k)) {
+                // A read sent now is fresh by itself: no fence needed.
+                return self.ticket(&state);
+            }
+            // The first PING sent from now on.
+            state.pings_sent + 1
+        };
+        self.demand.notify_one();
+        let mut fence = self.fence.subscribe();
+        let fenced =
+            tokio::time::timeout(timeout, fence.wait_for(|f| !f.up || f.answered >= wanted)).await;
+        match fenced {
+            Ok(Ok(f)) if f.up => {}
+            Ok(_) => return Lookup::Off,
+            Err(_) => return Lookup::TimedOut,
         }
-        keys.iter().map(|k| state.entries.get(k).cloned()).collect()
+        // Invalidations read before the PONG have dropped their entries by now.
+        let state = lock(&self.state);
+        if state.connection.is_none() {
+            return Lookup::Off;
+        }
+        match keys
+            .iter()
+            .map(|k| state.entries.get(k).cloned())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(values) => Lookup::Hit(values),
+            None => self.ticket(&state),
+        }
     }
 
-    /// A ticket to read over the tracking connection, when tracking is on.
-    pub fn ticket(&self) -> Option<Ticket<'_>> {
-        let state = lock(&self.state);
-        if !state.live(Instant::now()) {
-            return None;
+    fn ticket(&self, state: &State) -> Lookup<'_> {
+        match &state.connection {
+            Some((id, connection)) => Lookup::Miss(Ticket {
+                cache: self,
+                version: state.version,
+                id: *id,
+                connection: connection.clone(),
+            }),
+            None => Lookup::Off,
         }
-        let (id, connection) = state.connection.as_ref()?;
-        Some(Ticket {
-            cache: self,
-            version: state.version,
-            id: *id,
-            connection: connection.clone(),
-        })
     }
 
     /// Drops `key` (keycard itself just wrote it), and any read of it still in flight.
@@ -184,16 +235,23 @@ impl RevocationCache {
         state.entries.remove(key);
     }
 
-    /// Whether entries are being served now (for tests and the debug view).
-    pub fn is_live(&self) -> bool {
-        lock(&self.state).live(Instant::now())
+    /// Whether tracking is on now (for tests and the debug view).
+    pub fn is_on(&self) -> bool {
+        lock(&self.state).connection.is_some()
+    }
+
+    /// Turns the cache off if `id` is the current connection, and releases fence waiters.
+    fn down(&self, id: u64) {
+        if lock(&self.state).down(id) {
+            self.fence.send_modify(|f| f.up = false);
+        }
     }
 
     /// Applies a message Redis pushed on connection `id`.
     fn pushed(&self, id: u64, info: &PushInfo) {
-        let mut state = lock(&self.state);
         match info.kind {
             PushKind::Invalidate => {
+                let mut state = lock(&self.state);
                 state.version += 1;
                 match info.data.first() {
                     Some(Value::Array(keys)) => {
@@ -207,15 +265,15 @@ impl RevocationCache {
                     _ => state.entries.clear(),
                 }
             }
-            PushKind::Disconnection => state.down(id),
+            PushKind::Disconnection => self.down(id),
             _ => {}
         }
     }
 }
 
-/// Keeps the tracking connection: connect, `CLIENT TRACKING ON`, then ping every
-/// [`HEARTBEAT`]; on any failure turn the cache off, wait [`RETRY`] and start again. Ends when
-/// the cache is dropped.
+/// Keeps the tracking connection: connect, `CLIENT TRACKING ON`, then answer fences (and ping
+/// every [`HEARTBEAT`] when none is asked for); on any failure turn the cache off, wait
+/// [`RETRY`] and start again. Ends when the cache is dropped.
 async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Duration) {
     let mut id = 0u64;
     let mut warned = false;
@@ -253,16 +311,16 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
                     state.entries.clear();
                     state.version += 1;
                     state.connection = Some((id, conn.clone()));
-                    state.last_answer = Instant::now();
                 }
+                strong.fence.send_modify(|f| f.up = true);
                 drop(strong);
                 tracing::info!("revocation cache on (Redis client tracking)");
                 warned = false;
-                heartbeat(&cache, id, conn, timeout).await;
+                fences(&cache, conn, timeout).await;
                 let Some(strong) = cache.upgrade() else {
                     return;
                 };
-                lock(&strong.state).down(id);
+                strong.down(id);
                 tracing::warn!(
                     "revocation cache off: the tracking connection failed; checking Redis \
                      directly until it is back"
@@ -281,26 +339,32 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
     }
 }
 
-/// Pings the tracking connection every [`HEARTBEAT`] until a ping fails or goes unanswered
-/// for `timeout`, the connection is replaced, or the cache is dropped. (A late answer turns
-/// the cache off by [`LIVENESS`] alone; only a failed one costs the connection.)
-async fn heartbeat(
-    cache: &Weak<RevocationCache>,
-    id: u64,
-    mut conn: MultiplexedConnection,
-    timeout: Duration,
-) {
+/// Sends numbered `PING`s on the tracking connection: at once when a request waits for a
+/// fence, else every [`HEARTBEAT`]; publishes each answer. Returns when a `PING` fails or
+/// goes unanswered for `timeout`, or the cache is dropped.
+async fn fences(cache: &Weak<RevocationCache>, mut conn: MultiplexedConnection, timeout: Duration) {
     loop {
-        tokio::time::sleep(HEARTBEAT).await;
+        let number = {
+            let Some(cache) = cache.upgrade() else {
+                return;
+            };
+            let _ = tokio::time::timeout(HEARTBEAT, cache.demand.notified()).await;
+            let mut state = lock(&cache.state);
+            state.pings_sent += 1;
+            state.pings_sent
+        };
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<()>(&mut conn);
         let answered = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(())));
-        let Some(cache) = cache.upgrade() else { return };
-        let mut state = lock(&cache.state);
-        if !answered || state.connection.as_ref().is_none_or(|(c, _)| *c != id) {
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        if !answered {
             return;
         }
-        state.last_answer = Instant::now();
+        cache
+            .fence
+            .send_modify(|f| f.answered = f.answered.max(number));
     }
 }
 
