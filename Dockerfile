@@ -26,7 +26,11 @@ RUN mkdir src \
 
 # The real sources. COPY keeps the files' old mtimes, which can look older than the stub's
 # build output, so touch them to make sure cargo rebuilds keycard itself.
+COPY build.rs ./
 COPY src ./src
+# `keycard --version` and `keycard_build_info` show this revision (there is no .git here):
+#   docker build --build-arg KEYCARD_GIT_REV="$(git rev-parse --short=12 HEAD)" .
+ARG KEYCARD_GIT_REV=unknown
 RUN touch src/lib.rs src/main.rs \
  && cargo build --release --locked
 

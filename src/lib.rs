@@ -48,3 +48,15 @@ pub mod server;
 pub mod users;
 
 pub use server::{Listeners, run, run_with_reload};
+
+/// `keycard --version`: the crate version and the git revision it was built from
+/// (`unknown` when built without git; see `build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("KEYCARD_GIT_REV"),
+    ")"
+);
+
+/// The git revision keycard was built from, as in [`VERSION`].
+pub const REVISION: &str = env!("KEYCARD_GIT_REV");

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "keycard", version, about = "An authentication gateway")]
+#[command(name = "keycard", version = keycard::VERSION, about = "An authentication gateway")]
 struct Cli {
     /// Path of the TOML config file.
     #[arg(

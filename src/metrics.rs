@@ -59,6 +59,18 @@ impl Metrics {
     /// Registers every metric under the `keycard_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("keycard");
+        let build = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        build
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", crate::REVISION),
+            ])
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which keycard this is (version, git revision)",
+            build,
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -167,6 +167,12 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     );
     let text = resp.text().await.unwrap();
     assert!(text.contains("keycard_"), "no keycard_ metric in:\n{text}");
+    let build_info = format!(
+        "keycard_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        keycard::REVISION
+    );
+    assert!(text.contains(&build_info), "no {build_info} in:\n{text}");
     for line in text
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -428,6 +434,27 @@ fn keycard_bin() -> Command {
         .env("KEYCARD_SECRET", SECRET)
         .stdin(Stdio::null());
     cmd
+}
+
+#[test]
+fn version_names_the_git_revision() {
+    let out = keycard_bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Built from a git checkout (as CI is), the revision is HEAD's.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    assert_eq!(
+        text.trim(),
+        format!("keycard {} ({head})", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 fn temp_dir() -> PathBuf {
