@@ -120,7 +120,7 @@ impl Gateway {
 
     /// Answers one request; never fails (failures are responses).
     pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let id = self.ids.next();
+        let id = client_request_id(request.headers()).unwrap_or_else(|| self.ids.next());
         request.headers_mut().insert(REQUEST_ID.clone(), id.clone());
         // Written when this function returns, or when hyper drops it because the client went
         // away (then with 499, nginx's "client closed request"): every request is logged once.
@@ -430,6 +430,22 @@ fn error_chain(error: &RequestError) -> String {
     text
 }
 
+/// The client's `X-Request-Id`, kept when it is the only one and 1–128 characters of
+/// `A-Z a-z 0-9 . _ -` (so it correlates with the caller's own logs, as behind Envoy or
+/// nginx); anything else is replaced by keycard's own. The alphabet keeps it safe to log and
+/// to send on.
+fn client_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut sent = headers.get_all(&REQUEST_ID).iter();
+    let id = sent.next()?;
+    let ok = sent.next().is_none()
+        && (1..=128).contains(&id.len())
+        && id
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then(|| id.clone())
+}
+
 /// Request ids: a random per-process prefix and a counter. Unique within a process, unlikely
 /// to collide across replicas, and no syscall per request.
 #[derive(Debug)]
@@ -460,6 +476,35 @@ impl RequestIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_request_id_is_kept_only_when_plain_short_and_single() {
+        let id = |values: &[&[u8]]| {
+            let mut headers = http::HeaderMap::new();
+            for v in values {
+                headers.append(&REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            }
+            client_request_id(&headers).map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(id(&[b"abc-123_X.y"]).as_deref(), Some("abc-123_X.y"));
+        let longest = "a".repeat(128);
+        assert_eq!(id(&[longest.as_bytes()]), Some(longest.clone()));
+        assert_eq!(id(&[format!("{longest}a").as_bytes()]), None);
+        for bad in [
+            &b""[..],
+            b"a b",
+            b"a/b",
+            b"a\tb",
+            b"a,b",
+            b"a\xffb",
+            b"a;b",
+            b"a\"b",
+        ] {
+            assert_eq!(id(&[bad]), None, "{bad:?}");
+        }
+        assert_eq!(id(&[]), None);
+        assert_eq!(id(&[b"one", b"two"]), None, "two ids: neither is kept");
+    }
 
     #[test]
     fn plain_hosts_pass_and_anything_else_is_refused() {

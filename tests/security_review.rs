@@ -764,6 +764,35 @@ async fn a_trusted_proxy_may_set_client_describing_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_request_id_is_kept_and_any_other_replaced() {
+    let s = Stack::start().await;
+    let (r, echo) = raw_echo(&s.gw, &["X-Request-Id: trace-7f.A_1"]).await;
+    assert_eq!(echo.values("x-request-id"), ["trace-7f.A_1"]);
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains("x-request-id: trace-7f.a_1")
+    );
+    for bad in ["x-request-id: has space", "X-Request-Id: a/b"] {
+        let (r, echo) = raw_echo(&s.gw, &[bad]).await;
+        let sent = echo.values("x-request-id");
+        assert_eq!(sent.len(), 1, "{bad}: {:?}", echo.headers);
+        assert!(
+            sent[0].len() == 20 && sent[0].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{bad}: {sent:?}"
+        );
+        assert!(r.head.contains(sent[0]), "{bad}: returned on the response");
+    }
+    let long = format!("X-Request-Id: {}", "a".repeat(129));
+    let (_, echo) = raw_echo(&s.gw, &[long.as_str()]).await;
+    assert_ne!(echo.values("x-request-id"), ["a".repeat(129)]);
+    let (_, echo) = raw_echo(&s.gw, &["X-Request-Id: one", "X-Request-Id: two"]).await;
+    let sent = echo.values("x-request-id");
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0] != "one" && sent[0] != "two", "{sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cannot_remove_the_request_id() {
     let s = Stack::start().await;
     let (r, echo) = raw_echo(&s.gw, &["Connection: keep-alive, X-Request-Id"]).await;
