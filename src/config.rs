@@ -670,6 +670,42 @@ impl Config {
         }
     }
 
+    /// Settings that are valid but risky, for `keycard check` to warn about: each line names
+    /// the key and why. (The file still runs; these are judgement calls for the operator.)
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if matches!(self.store.url, StoreUrl::Memory) {
+            warnings.push(
+                "store.url is memory://: users and revocations live in one process, are not \
+                 shared with replicas and are lost on restart"
+                    .to_owned(),
+            );
+        }
+        if self.registration.enabled {
+            warnings.push(
+                "registration.enabled is true: anyone who can reach keycard can create an \
+                 account (and successful sign-ups are not rate-limited)"
+                    .to_owned(),
+            );
+        }
+        if self.server.trusted_proxies.is_empty() {
+            warnings.push(
+                "server.trusted_proxies is empty and keycard does not terminate TLS: unless \
+                 keycard only listens on a private network, put a TLS-terminating proxy in \
+                 front and list it there"
+                    .to_owned(),
+            );
+        }
+        if self.tokens.access_ttl > Duration::from_secs(3600) {
+            warnings.push(format!(
+                "tokens.access_ttl is {}: a copied access token is good that long unless it is \
+                 revoked; 15m to 1h is usual",
+                humantime::format_duration(self.tokens.access_ttl)
+            ));
+        }
+        warnings
+    }
+
     /// A table of the resolved routes for `keycard check`: what an operator needs to see to
     /// trust the file does what they meant. Routes are listed longest path first, the order
     /// they are matched in. Never shows the secret or a store URL (it may carry a password).

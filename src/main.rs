@@ -120,6 +120,10 @@ fn check(path: &Path) -> ExitCode {
             // A closed pipe (`keycard check | head -1`) is not a failure of the check.
             let text = format!("{}: ok\n{}\n", path.display(), config.describe_routes());
             let _ = std::io::stdout().write_all(text.as_bytes());
+            // Valid but risky: said on stderr, and the check still passes.
+            for warning in config.warnings() {
+                let _ = writeln!(std::io::stderr(), "warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,

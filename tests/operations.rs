@@ -513,6 +513,53 @@ fn check_accepts_the_shipped_config_and_prints_routes() {
 }
 
 #[test]
+fn check_warns_about_valid_but_risky_settings() {
+    let dir = temp_dir();
+    // memory://, open registration, no trusted proxy, a 2 h access token: four warnings.
+    let mut risky = GatewayOpts::new("memory://", "http://127.0.0.1:9");
+    risky.tokens.access_ttl = Duration::from_secs(7200);
+    // A redis store, registration off, a trusted proxy, 15 m: none.
+    let mut careful = GatewayOpts::new("redis://127.0.0.1:6379/0", "http://127.0.0.1:9");
+    careful.registration.enabled = false;
+    careful.server.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    for (name, opts, expected) in [
+        (
+            "risky",
+            risky,
+            &[
+                "store.url",
+                "registration.enabled",
+                "server.trusted_proxies",
+                "tokens.access_ttl = 2h",
+            ][..],
+        ),
+        ("careful", careful, &[][..]),
+    ] {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, opts.to_toml()).unwrap();
+        let out = run_bounded(keycard_bin().arg("check").arg("--config").arg(&path));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{name}: warnings do not fail the check: {stderr}"
+        );
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .collect();
+        assert_eq!(warnings.len(), expected.len(), "{name}: {stderr}");
+        for key in expected {
+            let key = key.replace(" = ", " is ");
+            assert!(
+                warnings.iter().any(|w| w.contains(&key)),
+                "{name}: no {key} in {stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn check_uses_config_keycard_toml_by_default() {
     let out = run_bounded(
         keycard_bin()
