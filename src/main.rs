@@ -211,17 +211,7 @@ fn listen_error(key: &str, addr: SocketAddr, e: std::io::Error) -> String {
 /// there; a later keycard's probe fails against ours the same way.
 fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(keycard::server::LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    TcpListener::from_std(keycard::server::reuseport_listener(addr)?)
 }
 
 /// Runs `task` on the calling thread's single-threaded runtime: the first event loop (the

@@ -207,22 +207,27 @@ where
 /// the sockets), otherwise a duplicate of `first` (the loops then take turns on one queue).
 fn worker_listener(first: &TcpListener) -> std::io::Result<std::net::TcpListener> {
     let shared = socket2::SockRef::from(first);
-    let socket = if shared.reuse_port()? {
-        let addr = first.local_addr()?;
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        socket
-    } else {
-        shared.try_clone()?
-    };
+    if shared.reuse_port()? {
+        return reuseport_listener(first.local_addr()?);
+    }
+    let socket = shared.try_clone()?;
     socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A non-blocking listening socket on `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so that
+/// every event loop can have its own on one address.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
 
