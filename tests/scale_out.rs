@@ -183,15 +183,6 @@ async fn assert_passes(gw: &Http, token: &str, user: &str) {
     assert_eq!(echo.values("x-auth-user"), [user], "identity header");
 }
 
-async fn assert_revoked(resp: reqwest::Response, what: &str) {
-    let f = failure(resp).await;
-    assert_eq!(
-        (f.status, f.msg.as_str()),
-        (401, "Token has been revoked"),
-        "{what}"
-    );
-}
-
 fn jti(token: &str) -> String {
     decode_claims(token)["jti"]
         .as_str()

@@ -20,15 +20,6 @@ async fn refreshed(gw: &Gateway, token: &str) -> (String, String) {
     (field("access_token"), field("refresh_token"))
 }
 
-async fn assert_revoked(resp: reqwest::Response, what: &str) {
-    let f = failure(resp).await;
-    assert_eq!(
-        (f.status, f.msg.as_str()),
-        (401, "Token has been revoked"),
-        "{what}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_all_ends_every_earlier_session_and_none_after() {
     let s = Stack::start().await;

@@ -1647,3 +1647,13 @@ pub fn raw_get(target: &str, extra: &[&str]) -> Vec<u8> {
     s.push_str("\r\n");
     s.into_bytes()
 }
+
+/// Asserts the contract's answer for a revoked token: 401 `Token has been revoked`.
+pub async fn assert_revoked(resp: reqwest::Response, what: &str) {
+    let f = failure(resp).await;
+    assert_eq!(
+        (f.status, f.msg.as_str()),
+        (401, "Token has been revoked"),
+        "{what}"
+    );
+}
