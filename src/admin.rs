@@ -1,7 +1,8 @@
 //! Admin: the operator listener (`admin.listen`), apart from user traffic.
 //!
-//! `/healthz` says the process is alive (for restarts), `/readyz` says the store answers (for
-//! load balancers: a replica that cannot check revocations must not get traffic), and
+//! `/healthz` says the process is alive (for restarts), `/readyz` says the store answers and
+//! keycard is not shutting down (for load balancers: a replica that cannot check revocations,
+//! or is about to stop, must not get new traffic), and
 //! `/metrics` serves Prometheus text.
 
 use std::sync::Arc;
@@ -12,18 +13,25 @@ use hyper::body::Incoming;
 use crate::auth::store::Store;
 use crate::body::{self, Body};
 use crate::metrics::Metrics;
+use tokio::sync::watch;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct Admin {
     store: Store,
     metrics: Arc<Metrics>,
+    /// True once a shutdown signal has arrived (see `server.shutdown_delay`).
+    draining: watch::Receiver<bool>,
 }
 
 impl Admin {
-    /// Shares the gateway's store and metrics.
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Admin {
-        Admin { store, metrics }
+    /// Shares the gateway's store and metrics, and the shutdown signal's first step.
+    pub fn new(store: Store, metrics: Arc<Metrics>, draining: watch::Receiver<bool>) -> Admin {
+        Admin {
+            store,
+            metrics,
+            draining,
+        }
     }
 
     /// Answers one admin request.
@@ -37,6 +45,10 @@ impl Admin {
         }
         match request.uri().path() {
             "/healthz" => body::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            "/readyz" if *self.draining.borrow() => body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "draining", "msg": "Shutting down"}),
+            ),
             "/readyz" => match self.store.ping().await {
                 Ok(()) => body::json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
                 Err(error) => {

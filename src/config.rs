@@ -76,7 +76,13 @@ pub struct ServerConfig {
     /// `server.header_read_timeout`: slowloris protection.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub header_read_timeout: Duration,
-    /// `server.shutdown_timeout`: how long in-flight requests may drain.
+    /// `server.shutdown_delay`: after SIGTERM, how long `/readyz` answers 503 while the
+    /// listener keeps serving, so load balancers (a Kubernetes Service's endpoints) stop
+    /// sending new traffic before keycard stops accepting it. Read when the signal arrives, so
+    /// a reload changes it.
+    #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
+    pub shutdown_delay: Duration,
+    /// `server.shutdown_timeout`: after the delay, how long in-flight requests may drain.
     #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
     pub shutdown_timeout: Duration,
     /// `server.workers` (default: the number of CPUs): the runtime's worker threads, so a
@@ -127,6 +133,7 @@ impl Default for ServerConfig {
             listen: LOOPBACK_ANY_PORT,
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_connections: 10_000,
@@ -2075,6 +2082,7 @@ upstream = "http://127.0.0.1:3000"
         let c = parse(MINIMAL).unwrap();
         assert!(c.server.trusted_proxies.is_empty());
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(5));
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.server.max_connections, 10_000);
         assert_eq!(c.server.upgrade_protocols, ["websocket"]);

@@ -74,6 +74,8 @@ pub async fn run(
     };
     let mut config = Config::default();
     config.server.listen = listen;
+    // A playground has no load balancer to tell: Ctrl-C stops it at once.
+    config.server.shutdown_delay = std::time::Duration::ZERO;
     config.admin.listen = admin;
     config.tokens.secret = Secret::from(secret.to_vec());
     config.routes = vec![

@@ -70,8 +70,9 @@ pub enum RunError {
     Passwords(#[from] crate::auth::password::PasswordError),
 }
 
-/// Runs the gateway until `shutdown` resolves, then stops accepting, lets in-flight requests
-/// finish (bounded by `server.shutdown_timeout`) and returns.
+/// Runs the gateway until `shutdown` resolves; then `/readyz` fails, serving goes on for
+/// `server.shutdown_delay`, accepting stops, in-flight requests finish (bounded by
+/// `server.shutdown_timeout`) and it returns.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -108,8 +109,19 @@ pub async fn run_with_reload(
         metrics.clone(),
         stop_rx.clone(),
     ));
+    // SIGTERM first makes `/readyz` answer 503 while everything keeps serving for
+    // `server.shutdown_delay` (load balancers take a moment to stop sending new connections:
+    // stopping at once would refuse the ones already on their way), then stops accepting.
+    let (draining_tx, draining) = watch::channel(false);
+    let policy_at_signal = Arc::clone(&gateway);
     tokio::spawn(async move {
         shutdown.await;
+        let _ = draining_tx.send(true);
+        let delay = policy_at_signal.policy().config.server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "not ready; serving on for server.shutdown_delay");
+            tokio::time::sleep(delay).await;
+        }
         let _ = stop_tx.send(true);
     });
     if let Some(source) = reload {
@@ -128,7 +140,7 @@ pub async fn run_with_reload(
         "keycard started"
     );
 
-    let admin_state = Arc::new(crate::admin::Admin::new(store, metrics));
+    let admin_state = Arc::new(crate::admin::Admin::new(store, metrics, draining));
     // `max_connections` counts each listener on its own; the public listener's event loops
     // share one count.
     let admin = tokio::spawn(serve(
