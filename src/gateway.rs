@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::auth::endpoints::Endpoint;
 use crate::auth::{Auth, Identity, SessionWatch};
@@ -119,8 +120,22 @@ impl Gateway {
     }
 
     /// Answers one request; never fails (failures are responses).
-    pub async fn handle(&self, mut request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    ///
+    /// Everything logged while answering it, on any task it starts, is inside one `request`
+    /// span carrying its `request_id`, so one id finds every line of it.
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let id = client_request_id(request.headers()).unwrap_or_else(|| self.ids.next());
+        let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
+        self.answer(request, peer, id).instrument(span).await
+    }
+
+    /// [`Gateway::handle`] within the request's span.
+    async fn answer(
+        &self,
+        mut request: Request<Incoming>,
+        peer: SocketAddr,
+        id: HeaderValue,
+    ) -> Response<Body> {
         request.headers_mut().insert(REQUEST_ID.clone(), id.clone());
         // Written when this function returns, or when hyper drops it because the client went
         // away (then with 499, nginx's "client closed request"): every request is logged once.

@@ -144,16 +144,29 @@ fn user(config: Config, command: UserCommand) -> ExitCode {
     };
     block_on(async move {
         let users = keycard::users::Users::open(config).map_err(|e| e.to_string())?;
-        let done = match command {
+        let (action, name, done) = match command {
             UserCommand::Add { name, roles } => {
                 let password = password.unwrap_or_default();
-                users.add(&name, &password, &roles).await
+                let done = users.add(&name, &password, &roles).await;
+                ("add", name, done)
             }
-            UserCommand::Roles { name, roles } => users.roles(&name, &roles).await,
-            UserCommand::Delete { name } => users.delete(&name).await,
-            UserCommand::Revoke { name } => users.revoke(&name).await,
-            UserCommand::List => users.list().await,
+            UserCommand::Roles { name, roles } => {
+                let done = users.roles(&name, &roles).await;
+                ("roles", name, done)
+            }
+            UserCommand::Delete { name } => {
+                let done = users.delete(&name).await;
+                ("delete", name, done)
+            }
+            UserCommand::Revoke { name } => {
+                let done = users.revoke(&name).await;
+                ("revoke", name, done)
+            }
+            UserCommand::List => ("list", String::new(), users.list().await),
         };
+        if action != "list" {
+            keycard::audit::cli(action, &name, &done);
+        }
         let text = done.map_err(|e| e.to_string())?;
         use std::io::Write;
         let _ = write!(

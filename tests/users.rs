@@ -17,7 +17,10 @@ fn keycard_user(config: &std::path::Path, args: &[&str], stdin: &str) -> Output 
         .args(args)
         .env_remove("KEYCARD_CONFIG")
         .env("KEYCARD_SECRET", SECRET)
-        .env("KEYCARD_LOG", "error")
+        // Errors, and the audit events (one JSON line each) `operator_cli_actions_are_audited`
+        // reads.
+        .env("KEYCARD_LOG", "error,keycard::audit=info")
+        .env("KEYCARD_LOG_FORMAT", "json")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -129,4 +132,53 @@ async fn user_commands_fail_clearly_without_a_reachable_store() {
     let memory = GatewayOpts::new("memory://", "http://127.0.0.1:9");
     let (ok, _, err) = text(&keycard_user(&config_file(&memory), &["list"], ""));
     assert!(!ok && err.contains("memory://"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_cli_actions_are_audited() {
+    let redis = RedisServer::new();
+    let file = config_file(&GatewayOpts::new(&redis.url(), "http://127.0.0.1:9"));
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    let client = format!("cli:uid={}", uid.trim());
+    let add = format!("{PASSWORD}\n");
+    for (args, stdin, event, outcome) in [
+        (
+            &["add", "carol", "--roles", "ops"][..],
+            &add[..],
+            "cli_user_add",
+            "success",
+        ),
+        (&["add", "carol"][..], &add[..], "cli_user_add", "failure"),
+        (
+            &["roles", "carol", "admin"][..],
+            "",
+            "cli_user_roles",
+            "success",
+        ),
+        (&["revoke", "carol"][..], "", "cli_user_revoke", "success"),
+        (&["delete", "carol"][..], "", "cli_user_delete", "success"),
+        (&["delete", "carol"][..], "", "cli_user_delete", "failure"),
+    ] {
+        let (ok, _, stderr) = text(&keycard_user(&file, args, stdin));
+        assert_eq!(ok, outcome == "success", "{args:?}: {stderr}");
+        assert!(!stderr.contains(PASSWORD), "{args:?} logged the password");
+        let events: Vec<serde_json::Value> = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["target"] == "keycard::audit")
+            .collect();
+        assert_eq!(events.len(), 1, "{args:?}: {stderr}");
+        let e = &events[0];
+        let field = |name: &str| e[name].as_str().unwrap_or("?").to_owned();
+        assert_eq!(
+            [
+                field("event"),
+                field("outcome"),
+                field("user"),
+                field("client")
+            ],
+            [event, outcome, "carol", client.as_str()],
+            "{args:?}: {e}"
+        );
+    }
 }

@@ -13,15 +13,18 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::store::Store;
 use super::store::{Attempt, Reservation, Subject, UserRecord};
 use super::token::{IssuedPair, Session, TokenType};
-use super::{Auth, verify_bearer};
+use super::{Auth, bearer_token, is_revoked, verify_any, verify_bearer};
+use crate::audit::Trail;
 use crate::body::{self, Body};
 use crate::config::ThrottleConfig;
 use crate::error::RequestError;
 use crate::policy::Policy;
+use crate::proxy::headers::X_REQUEST_ID;
 
 /// The endpoints keycard answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +96,44 @@ impl Auth {
     ///
     /// `client` is the caller's address as far as it can be trusted (see
     /// [`crate::proxy::headers::client_ip`]); login failures are counted against it.
+    ///
+    /// Each answer but the JWKS document writes one audit event (see [`crate::audit`]).
     pub async fn endpoint(
         &self,
         policy: &Policy,
         endpoint: Endpoint,
         request: Request<Incoming>,
         client: IpAddr,
+    ) -> Result<(Response<Body>, Option<String>), RequestError> {
+        let mut trail = Trail::new(match endpoint {
+            Endpoint::Register => Some("register"),
+            Endpoint::Login => Some("login"),
+            Endpoint::Logout => Some("logout"),
+            Endpoint::Refresh => Some("refresh"),
+            Endpoint::Jwks => None,
+        });
+        // The gateway has set it (the client's, if acceptable, or its own).
+        let request_id = request
+            .headers()
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let result = self
+            .answer(policy, endpoint, request, client, &mut trail)
+            .await;
+        trail.record(&result, client, &request_id);
+        result
+    }
+
+    /// [`Auth::endpoint`]'s work, telling `trail` what it learns as it goes.
+    async fn answer(
+        &self,
+        policy: &Policy,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+        client: IpAddr,
+        trail: &mut Trail,
     ) -> Result<(Response<Body>, Option<String>), RequestError> {
         endpoint.allows(request.method())?;
         let (tokens, throttle, limits) = (&policy.tokens, &policy.throttle, &policy.limits);
@@ -127,6 +162,7 @@ impl Auth {
                 let creds =
                     read_credentials(request, limits.max_auth_body, limits.body_read_timeout)
                         .await?;
+                trail.user = Some(creds.username.clone());
                 // Throttled per address like /login: a 409 answers "does this name exist?",
                 // so each one counts as a failed attempt.
                 let subjects = vec![address_subject(&self.store, throttle, client)];
@@ -152,6 +188,7 @@ impl Auth {
                 let creds =
                     read_credentials(request, limits.max_auth_body, limits.body_read_timeout)
                         .await?;
+                trail.user = Some(creds.username.clone());
                 // The address first: a throttled address counts nothing, not even against
                 // the names it tries, so it can neither fill the store nor lock users out.
                 let subjects = vec![
@@ -188,6 +225,7 @@ impl Auth {
                     family: String::new(),
                 };
                 let pair = tokens.issue_pair(&creds.username, &user.roles, &session)?;
+                trail.jti = Some(pair.access_jti.clone());
                 Ok((token_response(&pair), Some(creds.username)))
             }
             Endpoint::Logout => {
@@ -195,9 +233,21 @@ impl Auth {
                     q.split('&')
                         .any(|p| p.eq_ignore_ascii_case("all=true") || p == "all=1")
                 });
-                let claims = self
-                    .authenticate(policy, request.headers(), TokenType::Access)
-                    .await?;
+                if all {
+                    trail.event = Some("logout_all");
+                }
+                // `authenticate`'s two steps, apart: the user and jti of a revoked token's
+                // logout are known, and audited, once its signature holds.
+                let token = bearer_token(request.headers())?;
+                let claims = verify_any(policy, token, TokenType::Access).await?;
+                trail.user = Some(claims.sub.clone());
+                trail.jti = Some(claims.jti.clone());
+                if is_revoked(&self.store, &claims)
+                    .await
+                    .map_err(RequestError::StoreUnavailable)?
+                {
+                    return Err(RequestError::Revoked);
+                }
                 if claims.external {
                     // Another issuer's sessions end at that issuer; keycard can only refuse
                     // this one token, and only by its `jti`.
@@ -237,6 +287,8 @@ impl Auth {
             }
             Endpoint::Refresh => {
                 let claims = verify_bearer(tokens, request.headers(), TokenType::Refresh)?;
+                trail.user = Some(claims.sub.clone());
+                trail.jti = Some(claims.jti.clone());
                 // Revoking with SET NX both checks and rotates in one round trip: of two
                 // racing uses of one refresh token, exactly one gets a new pair. A refresh
                 // token already rotated and used again was stolen or replayed: its whole
@@ -246,6 +298,7 @@ impl Auth {
                     .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?
                 {
+                    trail.event = Some("refresh_reuse");
                     self.store
                         .revoke_family(&claims.family, tokens.family_ttl())
                         .await?;
@@ -269,11 +322,16 @@ impl Auth {
                     family: claims.family.clone(),
                 };
                 let pair = tokens.issue_pair(&claims.sub, &user.roles, &session)?;
+                trail.jti = Some(pair.access_jti.clone());
                 Ok((token_response(&pair), Some(claims.sub)))
             }
         }
     }
 }
+
+/// The 429 message while a subject's attempts in flight are at the limit (rather than its
+/// failures); the audit log tells the two apart by it.
+pub(crate) const BUSY: &str = "Too many login attempts in progress, try again shortly";
 
 /// The client address as a throttle subject (`throttle.address_*`).
 fn address_subject(store: &Store, throttle: &ThrottleConfig, client: IpAddr) -> Subject {
@@ -301,7 +359,7 @@ async fn begin(
             retry_after,
         }),
         Attempt::Busy => Err(RequestError::TooManyRequests {
-            msg: "Too many login attempts in progress, try again shortly",
+            msg: BUSY,
             retry_after: Duration::from_secs(1),
         }),
     }
@@ -318,7 +376,7 @@ async fn begin(
 async fn decide<T: Send + 'static>(
     attempt: impl Future<Output = Result<T, RequestError>> + Send + 'static,
 ) -> Result<T, RequestError> {
-    tokio::spawn(attempt)
+    tokio::spawn(attempt.in_current_span())
         .await
         .map_err(|e| RequestError::Internal(format!("login attempt task failed: {e}")))?
 }

@@ -144,6 +144,8 @@ pub struct IssuedPair {
     pub refresh_token: String,
     /// Access token lifetime in seconds, for the response's `expires_in`.
     pub expires_in: u64,
+    /// The access token's `jti`, for the audit log (the token itself is never logged).
+    pub access_jti: String,
 }
 
 /// Issues and verifies tokens with keys built once from [`TokenConfig`].
@@ -332,12 +334,13 @@ impl Tokens {
         if session.family.is_empty() {
             session.family = new_jti()?;
         }
-        let (access_token, _) = self.issue_in(&session, sub, roles, TokenType::Access)?;
+        let (access_token, access) = self.issue_in(&session, sub, roles, TokenType::Access)?;
         let (refresh_token, _) = self.issue_in(&session, sub, roles, TokenType::Refresh)?;
         Ok(IssuedPair {
             access_token,
             refresh_token,
             expires_in: self.access_ttl,
+            access_jti: access.jti,
         })
     }
 

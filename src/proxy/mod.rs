@@ -21,6 +21,7 @@ pub mod request_body;
 use std::error::Error as _;
 use std::net::IpAddr;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -140,7 +141,9 @@ impl Proxy {
                 upstream_side,
                 caller.session,
                 self.stop.clone(),
-            );
+            )
+            // The tunnel's log lines carry the request's id, like the request's own.
+            .in_current_span();
             match connection {
                 // The tunnel keeps the connection's slot under max_connections until it ends.
                 Some(connection) => connection.spawn_tunnel(tunnel),
