@@ -249,7 +249,7 @@ impl Auth {
                     self.store
                         .revoke_family(&claims.family, tokens.family_ttl())
                         .await?;
-                    return Err(RequestError::Revoked);
+                    return Err(RequestError::Reused);
                 }
                 let (sub, generation, family) = (&claims.sub, claims.generation, &claims.family);
                 if self.store.is_revoked(None, sub, generation, family).await? {
