@@ -1035,9 +1035,10 @@ impl Store {
                 // Only on a cluster can an earlier group hold a reservation here. Given back
                 // now rather than by `Drop`, so the next attempt sees it gone.
                 reservation.ended = true;
-                if let Err(error) = self
-                    .end_attempt(&reservation.subjects, Outcome::Abandoned)
-                    .await
+                if !reservation.subjects.is_empty()
+                    && let Err(error) = self
+                        .end_attempt(&reservation.subjects, Outcome::Abandoned)
+                        .await
                 {
                     tracing::warn!(%error, "could not give back a refused attempt's reservation");
                 }
@@ -1276,6 +1277,45 @@ mod tests {
         g.end(true).await.unwrap();
         tokio::time::sleep(w + Duration::from_millis(20)).await;
         go(attempt(&store, "alice", "ip", 2, w).await);
+    }
+
+    #[tokio::test]
+    async fn memory_throttle_refusals_are_counted_by_the_subject_that_refused() {
+        let metrics = Arc::new(Metrics::new());
+        let store = memory().with_metrics(Arc::clone(&metrics));
+        let w = Duration::from_secs(60);
+        let hits = |subject: &str| {
+            let line = format!("keycard_throttle_hits_total{{subject=\"{subject}\"}} ");
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {line} in {text}"))
+        };
+        // The user's limit is 1, the address's 10: one failure, then the user refuses.
+        let (_, a) = go(attempt(&store, "carol", "ip", 1, w).await);
+        a.end(false).await.unwrap();
+        assert!(matches!(
+            attempt(&store, "carol", "ip", 1, w).await,
+            Attempt::Throttled { .. }
+        ));
+        assert_eq!(
+            (hits("user").as_str(), hits("address").as_str()),
+            ("1", "0")
+        );
+        // An attempt in flight at the limit makes the next one Busy: also a hit.
+        let (_, b) = go(attempt(&store, "dave", "ip", 1, w).await);
+        assert!(matches!(
+            attempt(&store, "dave", "ip", 1, w).await,
+            Attempt::Busy
+        ));
+        assert_eq!(hits("user"), "2");
+        b.end(true).await.unwrap();
+        let text = metrics.encode();
+        assert!(
+            text.contains("keycard_store_duration_seconds_count{op=\"throttle_begin\"} 4"),
+            "{text}"
+        );
+        assert!(text.contains("keycard_store_duration_seconds_count{op=\"throttle_end\"} 2"));
     }
 
     #[tokio::test]
