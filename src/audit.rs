@@ -30,8 +30,8 @@ pub const TARGET: &str = "keycard::audit";
 /// written once, by [`Trail::record`], whatever the answer.
 #[derive(Debug)]
 pub struct Trail {
-    /// The event; an endpoint may change it (`logout` → `logout_all`, `refresh` →
-    /// `refresh_reuse`). `None`: nothing to audit (the JWKS document).
+    /// The event; an endpoint may change it (`logout` → `logout_all`; a reused refresh token's
+    /// error makes `refresh` `refresh_reuse`). `None`: nothing to audit (the JWKS document).
     pub event: Option<&'static str>,
     /// The user concerned, once known.
     pub user: Option<String>,
@@ -51,17 +51,21 @@ impl Trail {
     }
 
     /// Writes the event for the request's `result`. A refused method is not an attempt and is
-    /// not audited; a 429 is written as a `throttle` event.
+    /// not audited; a 429 is written as a `throttle` event, a reused refresh token as
+    /// `refresh_reuse`.
     pub fn record<T>(&self, result: &Result<T, RequestError>, client: IpAddr, request_id: &str) {
         let Some(mut event) = self.event else { return };
         let (outcome, reason) = match result {
             Ok(_) => ("success", "-"),
             Err(RequestError::MethodNotAllowed { .. }) => return,
-            Err(error @ (RequestError::TooManyRequests { .. } | RequestError::Busy { .. })) => {
-                event = "throttle";
+            Err(error) => {
+                match error {
+                    RequestError::TooManyRequests { .. } => event = "throttle",
+                    RequestError::Reused => event = "refresh_reuse",
+                    _ => {}
+                }
                 ("failure", reason(error))
             }
-            Err(error) => ("failure", reason(error)),
         };
         emit(
             event,
@@ -141,6 +145,7 @@ pub fn reason(error: &RequestError) -> &'static str {
         RequestError::InvalidToken(_) => "invalid_token",
         RequestError::Expired => "expired",
         RequestError::Revoked => "revoked",
+        RequestError::Reused => "reused",
         RequestError::StoreUnavailable(_) => "store_error",
         RequestError::TooManyRequests { msg, .. } if *msg == crate::auth::endpoints::BUSY => {
             "too_many_in_progress"

@@ -26,6 +26,11 @@ pub enum RequestError {
     /// The token's `jti` is in the store's revocation list.
     #[error("Token has been revoked")]
     Revoked,
+    /// A refresh token presented again after it was rotated (or revoked at logout): replayed
+    /// or stolen, so its whole family was revoked (RFC 9700 §4.14). The client sees exactly
+    /// what [`RequestError::Revoked`] shows; only metrics tell them apart.
+    #[error("Token has been revoked")]
+    Reused,
     /// Authenticated, but not allowed: the route's roles, or self-registration turned off.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -107,7 +112,7 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         use RequestError::*;
         match self {
-            MissingAuth | InvalidToken(_) | Expired | Revoked | BadCredentials => {
+            MissingAuth | InvalidToken(_) | Expired | Revoked | Reused | BadCredentials => {
                 StatusCode::UNAUTHORIZED
             }
             StoreUnavailable(_) | Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -148,7 +153,7 @@ impl RequestError {
             MissingAuth | BadCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            InvalidToken(_) | Expired | Revoked => {
+            InvalidToken(_) | Expired | Revoked | Reused => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),

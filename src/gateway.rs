@@ -21,8 +21,8 @@ use crate::auth::endpoints::Endpoint;
 use crate::auth::{Auth, Identity, SessionWatch};
 use crate::body::Body;
 use crate::error::RequestError;
-use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::{Policy, Route};
 use crate::proxy::headers::{client_ip, is_trusted};
 use crate::proxy::{Caller, Proxy};
 use crate::routes;
@@ -42,13 +42,16 @@ pub struct Gateway {
     /// What the config decides. Each request loads it once and keeps that snapshot to the end;
     /// tunnels recheck against it (see [`SessionWatch`]).
     policy: Arc<ArcSwap<Policy>>,
-    /// The metrics label of requests that matched no route.
-    unmatched: Arc<str>,
+    /// The series of requests that matched no route (label `-`).
+    unmatched: Arc<RouteMetrics>,
+    /// The series of each auth endpoint (labelled with its name).
+    endpoints: Vec<(Endpoint, Arc<RouteMetrics>)>,
 }
 
 /// What the access log and metrics need to know about a request, filled in as it goes.
 struct Outcome {
-    route: Arc<str>,
+    /// The route's label and series.
+    route: Arc<RouteMetrics>,
     user: Option<String>,
 }
 
@@ -57,8 +60,7 @@ const CLIENT_CLOSED: u16 = 499;
 
 /// One request's access-log line and metrics update, written on drop: when the request is
 /// answered, and also when it is cancelled because its client hung up mid-way.
-struct AccessLog<'a> {
-    gateway: &'a Gateway,
+struct AccessLog {
     start: Instant,
     id: HeaderValue,
     peer: SocketAddr,
@@ -69,20 +71,18 @@ struct AccessLog<'a> {
     status: Option<u16>,
 }
 
-impl Drop for AccessLog<'_> {
+impl Drop for AccessLog {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
-        self.gateway
-            .metrics
-            .request(&self.outcome.route, status, elapsed);
+        self.outcome.route.answered(&self.method, status, elapsed);
         tracing::info!(
             target: "keycard::access",
             request_id = self.id.to_str().unwrap_or("-"),
             peer = %self.peer.ip(),
             method = %self.method,
             path = %LoggedPath(self.uri.path()),
-            route = %self.outcome.route,
+            route = %self.outcome.route.label(),
             status,
             user = self.outcome.user.as_deref().unwrap_or("-"),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
@@ -98,14 +98,51 @@ impl Gateway {
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Gateway {
-        Gateway {
+        let endpoints = [
+            Endpoint::Register,
+            Endpoint::Login,
+            Endpoint::Logout,
+            Endpoint::Refresh,
+            Endpoint::Jwks,
+        ]
+        .into_iter()
+        .map(|e| (e, metrics.route(Arc::from(e.name()), false)))
+        .collect();
+        let gateway = Gateway {
             auth,
             proxy: Proxy::new(stop),
+            unmatched: metrics.route(Arc::from("-"), false),
+            endpoints,
             metrics,
             ids: RequestIds::new(),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
-            unmatched: Arc::from("-"),
+        };
+        gateway.warm(&gateway.policy.load());
+        gateway
+    }
+
+    /// Creates the series of every route of `policy` now, so each shows (at 0) from the start.
+    fn warm(&self, policy: &Policy) {
+        for route in policy.routes.routes() {
+            self.route_metrics(route);
         }
+    }
+
+    /// `route`'s series, created on first use and then kept by the route.
+    fn route_metrics(&self, route: &Route) -> Arc<RouteMetrics> {
+        Arc::clone(
+            route
+                .metrics
+                .get_or_init(|| self.metrics.route(route.label.clone(), true)),
+        )
+    }
+
+    /// The series of an auth endpoint.
+    fn endpoint_metrics(&self, endpoint: Endpoint) -> Arc<RouteMetrics> {
+        self.endpoints
+            .iter()
+            .find(|(e, _)| *e == endpoint)
+            .map_or_else(|| Arc::clone(&self.unmatched), |(_, m)| Arc::clone(m))
     }
 
     /// The policy in force.
@@ -116,6 +153,7 @@ impl Gateway {
     /// Puts `policy` in force for every request that starts from now on; requests in flight
     /// finish on the one they started with.
     pub fn swap_policy(&self, policy: Policy) {
+        self.warm(&policy);
         self.policy.store(Arc::new(policy));
     }
 
@@ -140,7 +178,6 @@ impl Gateway {
         // Written when this function returns, or when hyper drops it because the client went
         // away (then with 499, nginx's "client closed request"): every request is logged once.
         let mut log = AccessLog {
-            gateway: self,
             start: Instant::now(),
             id: id.clone(),
             peer,
@@ -149,7 +186,7 @@ impl Gateway {
             // has been handed on.
             uri: request.uri().clone(),
             outcome: Outcome {
-                route: self.unmatched.clone(),
+                route: Arc::clone(&self.unmatched),
                 user: None,
             },
             status: None,
@@ -160,9 +197,6 @@ impl Gateway {
         let mut response = match self.dispatch(request, peer, &mut log.outcome).await {
             Ok(response) => response,
             Err(error) => {
-                if let Some(reason) = failure_reason(&error) {
-                    self.metrics.auth_failure(reason);
-                }
                 if error.status().is_server_error() {
                     tracing::warn!(request_id = ?id, error = %error_chain(&error), "request failed");
                 } else if error.closes_connection() {
@@ -213,7 +247,7 @@ impl Gateway {
                 .auth
                 .forward_auth(&policy, request.headers(), trusted)
                 .await?;
-            outcome.route = route;
+            outcome.route = self.route_metrics(route);
             outcome.user = identity.user().map(str::to_owned);
             let mut response = crate::body::json_msg(http::StatusCode::OK, "Authorized");
             identity.write_headers(&policy.identity, response.headers_mut())?;
@@ -221,12 +255,14 @@ impl Gateway {
         }
 
         if let Some(endpoint) = Endpoint::from_path(&path) {
-            outcome.route = Arc::from(endpoint.name());
+            outcome.route = self.endpoint_metrics(endpoint);
             let client = client_ip(request.headers(), peer.ip(), &policy.trusted_proxies);
-            let (response, user) = self
-                .auth
+            let answered = (self.auth)
                 .endpoint(&policy, endpoint, request, client)
-                .await?;
+                .await;
+            self.metrics
+                .endpoint(endpoint, answered.as_ref().map(|_| ()));
+            let (response, user) = answered?;
             outcome.user = user;
             return Ok(response);
         }
@@ -239,7 +275,7 @@ impl Gateway {
             });
         }
         let route = policy.routes.find(&path).ok_or(RequestError::NoRoute)?;
-        outcome.route = route.label.clone();
+        outcome.route = self.route_metrics(route);
         let identity = self
             .auth
             .authorize(&policy, route, request.headers())
@@ -267,9 +303,15 @@ impl Gateway {
             upgrade,
             session,
         };
-        self.proxy
+        let sent = Instant::now();
+        let answered = (self.proxy)
             .forward(request, route, &path, &policy, caller)
-            .await
+            .await;
+        // Up to the upstream's response head (its body streams afterwards).
+        if answered.is_ok() {
+            outcome.route.upstream(sent.elapsed());
+        }
+        answered
     }
 }
 
@@ -408,19 +450,6 @@ impl std::fmt::Display for LoggedPath<'_> {
         }
         f.write_str(&self.0[..end])
     }
-}
-
-/// The metrics reason for an authentication refusal, if the error is one.
-fn failure_reason(error: &RequestError) -> Option<&'static str> {
-    Some(match error {
-        RequestError::MissingAuth => "missing",
-        RequestError::InvalidToken(_) => "invalid",
-        RequestError::Expired => "expired",
-        RequestError::Revoked => "revoked",
-        RequestError::StoreUnavailable(_) => "store_unavailable",
-        RequestError::BadCredentials => "bad_credentials",
-        _ => return None,
-    })
 }
 
 /// An error and its sources on one line, for the log (clients only see the generic message).

@@ -9,7 +9,7 @@
 //! store, the password hasher, metrics, connection slots) are not here: they live for the
 //! process (see [`crate::gateway::Gateway`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Version, header};
@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use crate::auth::token::Tokens;
 use crate::config::{AuthMode, Config, RouteConfig, ThrottleConfig};
+use crate::metrics::RouteMetrics;
 use crate::proxy::headers::IdentityHeaders;
 use crate::proxy::request_body::ClientBody;
 use crate::routes::Router;
@@ -91,6 +92,9 @@ pub struct Route {
     pub client: UpstreamClient,
     /// The metrics and access-log label: the route's path.
     pub label: Arc<str>,
+    /// Its metrics series, set by the gateway (see [`crate::metrics::RouteMetrics`]); kept
+    /// here so a request never looks them up by name.
+    pub metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 impl AsRef<RouteConfig> for Route {
@@ -128,6 +132,7 @@ impl Policy {
                 Route {
                     policy: route.auth,
                     label: Arc::from(route.path.as_str()),
+                    metrics: OnceLock::new(),
                     client,
                     config: route.clone(),
                 }

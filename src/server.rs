@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::connection::{Connection, StreamGuard};
 use crate::framing::FirstHead;
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, ListenerMetrics, Metrics};
 use crate::policy::Policy;
 use crate::reload::ReloadSource;
 
@@ -89,8 +89,9 @@ pub async fn run_with_reload(
     reload: Option<ReloadSource>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&config.store)?.with_revocation_cache(&config.store)?;
-    let auth = Auth::new(&config, store.clone())?;
+    let store = (Store::open(&config.store)?.with_revocation_cache(&config.store)?)
+        .with_metrics(Arc::clone(&metrics));
+    let auth = Auth::new(&config, store.clone(), Arc::clone(&metrics))?;
     // One signal, watched by both accept loops and by upgraded connections.
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {
@@ -99,6 +100,7 @@ pub async fn run_with_reload(
         shutdown_timeout: config.server.shutdown_timeout,
         max_connections: config.server.max_connections,
         h2_idle_timeout: config.server.h2_idle_timeout,
+        gauges: metrics.listener(Listener::Public),
     };
     let routes = config.routes.len();
     let workers = config.server.workers;
@@ -140,12 +142,16 @@ pub async fn run_with_reload(
         "keycard started"
     );
 
+    let admin_limits = Limits {
+        gauges: metrics.listener(Listener::Admin),
+        ..limits.clone()
+    };
     let admin_state = Arc::new(crate::admin::Admin::new(store, metrics, draining));
     // `max_connections` counts each listener on its own; the public listener's event loops
     // share one count.
     let admin = tokio::spawn(serve(
         listeners.admin,
-        limits.clone(),
+        admin_limits,
         Arc::new(Semaphore::new(limits.max_connections)),
         stop_rx.clone(),
         move |request, _peer| {
@@ -258,7 +264,8 @@ fn local(listener: &TcpListener) -> String {
         .map_or_else(|_| "?".to_owned(), |a| a.to_string())
 }
 
-/// Connection limits shared by both listeners.
+/// What an accept loop needs: the connection limits (the same for both listeners), and the
+/// gauges of the listener it serves.
 #[derive(Debug, Clone)]
 struct Limits {
     max_head: usize,
@@ -266,6 +273,8 @@ struct Limits {
     shutdown_timeout: Duration,
     max_connections: usize,
     h2_idle_timeout: Duration,
+    /// `keycard_open_connections` and `keycard_requests_in_flight` of this listener.
+    gauges: Arc<ListenerMetrics>,
 }
 
 /// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c),
@@ -336,10 +345,14 @@ async fn serve<F, Fut>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let io = FirstHead::new(stream, limits.header_read_timeout);
-        let connection = Arc::new(Connection::new(slot, tracker.clone()));
+        let connection = Arc::new(Connection::new(
+            slot,
+            tracker.clone(),
+            Arc::clone(&limits.gauges),
+        ));
         let per_request = Arc::clone(&connection);
         let service = service_fn(move |mut request: Request<Incoming>| {
-            let stream = per_request.open_stream();
+            let stream = per_request.open_stream(request.version());
             request.extensions_mut().insert(Arc::clone(&per_request));
             let handler = handler.clone();
             async move {

@@ -167,7 +167,7 @@ async fn every_auth_endpoint_writes_one_audit_event_with_its_fields() {
     let reused = s.gw.refresh(&refresh).await;
     assert_eq!(reused.status(), 401);
     let event = event_for(&reused);
-    assert_event(&event, "refresh_reuse", "failure", "revoked", &user);
+    assert_event(&event, "refresh_reuse", "failure", "reused", &user);
     assert_eq!(event["jti"], jti_of(&refresh).as_str());
 
     let (access3, _) = s.gw.login(&user, PASSWORD).await;

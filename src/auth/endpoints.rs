@@ -298,11 +298,10 @@ impl Auth {
                     .revoke(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?
                 {
-                    trail.event = Some("refresh_reuse");
                     self.store
                         .revoke_family(&claims.family, tokens.family_ttl())
                         .await?;
-                    return Err(RequestError::Revoked);
+                    return Err(RequestError::Reused);
                 }
                 let (sub, generation, family) = (&claims.sub, claims.generation, &claims.family);
                 if self.store.is_revoked(None, sub, generation, family).await? {

@@ -25,6 +25,7 @@ use http::{HeaderMap, header};
 
 use crate::config::{AuthMode, Config};
 use crate::error::RequestError;
+use crate::metrics::{AuthOutcome, Metrics};
 use crate::policy::{Policy, Route};
 use crate::proxy::headers::IdentityHeaders;
 use password::Passwords;
@@ -40,6 +41,8 @@ pub struct Auth {
     pub passwords: Passwords,
     /// Users, revocations and throttle counters.
     pub store: Store,
+    /// Where decisions and endpoint outcomes are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Who a request is, as decided by [`Auth::authorize`].
@@ -85,11 +88,16 @@ impl Identity {
 }
 
 impl Auth {
-    /// Builds the hasher around an already-opened store.
-    pub fn new(config: &Config, store: Store) -> Result<Auth, password::PasswordError> {
+    /// Builds the hasher around an already-opened store; decisions are counted in `metrics`.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Auth, password::PasswordError> {
         Ok(Auth {
             passwords: Passwords::new(&config.passwords)?,
             store,
+            metrics,
         })
     }
 
@@ -98,6 +106,9 @@ impl Auth {
     /// as [`Identity::Anonymous`]; required ones need a valid, unrevoked access token with
     /// one of the route's roles (if it names any: else 403); optional ones pass without a
     /// token, and check one that is presented like required ones.
+    ///
+    /// Every check of a token is counted in `keycard_auth_decisions_total` (passing a public
+    /// route, or an optional one without a token, checks nothing and is not).
     pub async fn authorize(
         &self,
         policy: &Policy,
@@ -110,28 +121,43 @@ impl Auth {
             // scheme (`Basic`, meant for someone else) is not a token either.
             AuthMode::Optional if !has_bearer(headers) => return Ok(Identity::Anonymous),
             AuthMode::Optional | AuthMode::Required => {
-                self.authenticate(policy, headers, TokenType::Access)
-                    .await?
+                self.authenticate(policy, headers, TokenType::Access).await
             }
         };
         // Any one of the route's roles; checked after revocation, so a revoked token is 401.
-        if !has_a_role(route, &claims) {
-            return Err(RequestError::Forbidden("Forbidden"));
-        }
-        Ok(Identity::User(claims))
+        let decided = claims.and_then(|claims| match has_a_role(route, &claims) {
+            true => Ok(Identity::User(claims)),
+            false => Err(RequestError::Forbidden("Forbidden")),
+        });
+        self.metrics.auth_decision(decision(&decided));
+        decided
     }
 
     /// Forward-auth (nginx `auth_request`, Traefik ForwardAuth, Envoy `ext_authz`): decides
     /// for the request a proxy in front is about to forward, named by `X-Forwarded-Uri` or
     /// `X-Original-URI`, which are believed only from `server.trusted_proxies`. The same
     /// [`Auth::authorize`] as the proxy path; no route, or no trusted original URI, is 403
-    /// (fail closed: an `auth_request` only understands 2xx, 401 and 403).
-    pub async fn forward_auth(
+    /// (fail closed: an `auth_request` only understands 2xx, 401 and 403), and counts as a
+    /// `forbidden` decision.
+    pub async fn forward_auth<'p>(
         &self,
-        policy: &Policy,
+        policy: &'p Policy,
         headers: &HeaderMap,
         trusted: bool,
-    ) -> Result<(Identity, Arc<str>), RequestError> {
+    ) -> Result<(Identity, &'p Route), RequestError> {
+        let route = Self::forward_auth_route(policy, headers, trusted).inspect_err(|_| {
+            self.metrics.auth_decision(AuthOutcome::Forbidden);
+        })?;
+        let identity = self.authorize(policy, route, headers).await?;
+        Ok((identity, route))
+    }
+
+    /// The route a forward-auth request asks about, from a trusted proxy's headers.
+    fn forward_auth_route<'p>(
+        policy: &'p Policy,
+        headers: &HeaderMap,
+        trusted: bool,
+    ) -> Result<&'p Route, RequestError> {
         // Every value of both headers must agree: a proxy sets one, but passes the client's
         // copy of the other along, and that copy must never be the one that counts.
         let mut values = ["x-forwarded-uri", "x-original-uri"]
@@ -153,9 +179,10 @@ impl Auth {
             .ok_or(RequestError::Forbidden("Invalid X-Forwarded-Uri"))?;
         let path = crate::routes::canonicalize(original.path())
             .map_err(|_| RequestError::Forbidden("Invalid path"))?;
-        let route = (policy.routes.find(&path)).ok_or(RequestError::Forbidden("No route"))?;
-        let identity = self.authorize(policy, route, headers).await?;
-        Ok((identity, route.label.clone()))
+        policy
+            .routes
+            .find(&path)
+            .ok_or(RequestError::Forbidden("No route"))
     }
 
     /// Verifies the bearer token in `headers` and checks it is not revoked: the whole
@@ -198,6 +225,21 @@ pub async fn verify_any(
             .await;
     }
     policy.tokens.verify(token, expected)
+}
+
+/// The `keycard_auth_decisions_total` outcome of a token check.
+fn decision(decided: &Result<Identity, RequestError>) -> AuthOutcome {
+    match decided {
+        Ok(_) => AuthOutcome::Ok,
+        Err(RequestError::MissingAuth) => AuthOutcome::Missing,
+        Err(RequestError::Expired) => AuthOutcome::Expired,
+        Err(RequestError::Revoked | RequestError::Reused) => AuthOutcome::Revoked,
+        Err(RequestError::Forbidden(_)) => AuthOutcome::Forbidden,
+        Err(RequestError::StoreUnavailable(_)) => AuthOutcome::StoreError,
+        // A malformed header, a bad token, or one that could not be checked at all: not let
+        // in, for the token's sake.
+        Err(_) => AuthOutcome::Invalid,
+    }
 }
 
 /// Whether `claims` may pass `route`'s `roles`: any one of them, or none required.

@@ -36,6 +36,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use crate::auth::tracking::{Lookup, RevocationCache};
 use crate::config::{StoreConfig, StoreUrl};
+use crate::metrics::{Metrics, StoreOp, ThrottleSubject};
 
 /// Why a store operation failed. Every variant means "could not find out", so callers fail
 /// closed.
@@ -84,6 +85,8 @@ pub struct Subject {
     /// not locked out by their own typos; never the address's, or one good account would
     /// reset a password spray's counter).
     clear_on_success: bool,
+    /// Which throttle this is, for `keycard_throttle_hits_total`.
+    kind: ThrottleSubject,
 }
 
 /// What the throttle says about a new attempt.
@@ -154,10 +157,11 @@ impl Drop for Reservation {
 /// Begins an attempt, atomically. KEYS: per subject a (failures, pending) pair, then
 /// optionally the user key whose value (the hash) is returned. ARGV: per subject its limit
 /// (0 = no limit), then the reservation TTL in ms. Counts nothing unless every subject has
-/// room. Returns { verdict (0 go, 1 throttled, 2 busy), retry-after ms, hash or false }.
+/// room. Returns { verdict (0 go, 1 throttled, 2 busy), retry-after ms, hash or false, which
+/// subjects refused (bit i-1 for subject i) }.
 const BEGIN_SCRIPT: &str = r"
 local subjects = #ARGV - 1
-local throttled_ms, busy = -1, false
+local throttled_ms, throttled, busy = -1, 0, 0
 for i = 1, subjects do
   local limit = tonumber(ARGV[i])
   if limit > 0 then
@@ -165,20 +169,21 @@ for i = 1, subjects do
     local pending = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
     if failed >= limit then
       throttled_ms = math.max(throttled_ms, redis.call('PTTL', KEYS[2 * i - 1]))
+      throttled = throttled + 2 ^ (i - 1)
     elseif failed + math.max(pending, 0) >= limit then
-      busy = true
+      busy = busy + 2 ^ (i - 1)
     end
   end
 end
-if throttled_ms >= 0 then return { 1, throttled_ms, false } end
-if busy then return { 2, 0, false } end
+if throttled_ms >= 0 then return { 1, throttled_ms, false, throttled } end
+if busy > 0 then return { 2, 0, false, busy } end
 for i = 1, subjects do
   redis.call('INCR', KEYS[2 * i])
   redis.call('PEXPIRE', KEYS[2 * i], ARGV[subjects + 1])
 end
 local hash = false
 if #KEYS > 2 * subjects then hash = redis.call('GET', KEYS[#KEYS]) or false end
-return { 0, 0, hash }
+return { 0, 0, hash, 0 }
 ";
 
 /// Ends an attempt begun with [`BEGIN_SCRIPT`]. KEYS: the same (failures, pending) pairs.
@@ -201,6 +206,11 @@ for i = 1, #KEYS / 2 do
 end
 return 1
 ";
+
+/// What beginning an attempt on one group of subjects said: the verdict (0 go, 1 throttled,
+/// 2 busy), the retry-after, the user's hash, and which subjects refused (bit `i` for the
+/// group's subject `i`).
+type Begun = (u8, Duration, Option<String>, u64);
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +242,9 @@ pub struct Store {
     /// Answers of the revocation check kept exact by Redis client tracking (standalone Redis
     /// only, once [`Store::with_revocation_cache`] started it).
     revocations: Option<Arc<RevocationCache>>,
+    /// Where call latencies and throttle hits are recorded (the gateway's store; one-shot CLI
+    /// commands have none).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A stored user: the password hash and the roles tokens will carry.
@@ -364,34 +377,32 @@ impl MemoryMap {
     }
 
     /// [`BEGIN_SCRIPT`], for the embedded store.
-    fn begin(
-        &mut self,
-        subjects: &[Subject],
-        user_key: Option<&str>,
-    ) -> (u8, Duration, Option<String>) {
+    fn begin(&mut self, subjects: &[Subject], user_key: Option<&str>) -> Begun {
         let now = Instant::now();
         let mut throttled: Option<Duration> = None;
-        let mut busy = false;
-        for s in subjects.iter().filter(|s| s.limit > 0) {
+        let (mut throttled_by, mut busy_by) = (0u64, 0u64);
+        for (i, s) in subjects.iter().enumerate().filter(|(_, s)| s.limit > 0) {
             let limit = i64::try_from(s.limit).unwrap_or(i64::MAX);
             let failed = self.count(&s.failures, now);
+            let bit = 1u64.checked_shl(i as u32).unwrap_or(0);
             if failed >= limit {
                 throttled = throttled.max(Some(self.ttl(&s.failures, now)));
+                throttled_by |= bit;
             } else if failed + self.count(&s.pending, now).max(0) >= limit {
-                busy = true;
+                busy_by |= bit;
             }
         }
         if let Some(retry_after) = throttled {
-            return (1, retry_after, None);
+            return (1, retry_after, None, throttled_by);
         }
-        if busy {
-            return (2, Duration::ZERO, None);
+        if busy_by != 0 {
+            return (2, Duration::ZERO, None, busy_by);
         }
         for s in subjects {
             self.add(&s.pending, 1, Some(now + RESERVATION_TTL), now);
         }
         let hash = user_key.and_then(|k| self.live(k, now).cloned());
-        (0, Duration::ZERO, hash)
+        (0, Duration::ZERO, hash, 0)
     }
 
     /// [`END_SCRIPT`], for the embedded store.
@@ -521,7 +532,27 @@ impl Store {
             prefix: config.prefix.as_str().into(),
             timeout: config.timeout,
             revocations: None,
+            metrics: None,
         })
+    }
+
+    /// Records this store's call latencies (`keycard_store_duration_seconds`) and throttle
+    /// refusals (`keycard_throttle_hits_total`) in `metrics`, for it and its clones.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Store {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs one store call, recording how long it took as `op` (when it ran to the end: a
+    /// call cancelled with its request says nothing about the store).
+    async fn timed<T>(&self, op: StoreOp, call: impl Future<Output = T>) -> T {
+        let Some(metrics) = &self.metrics else {
+            return call.await;
+        };
+        let started = Instant::now();
+        let result = call.await;
+        metrics.store(op, started.elapsed());
+        result
     }
 
     /// Starts the revocation cache (see [`crate::auth::tracking`]) on standalone Redis; other
@@ -635,17 +666,22 @@ impl Store {
 
     /// Creates a user; false when the name is taken.
     pub async fn create_user(&self, username: &str, user: &UserRecord) -> Result<bool, StoreError> {
-        self.set_nx(&self.tagged_key("user:", username), &user.encode(), None)
+        let key = self.tagged_key("user:", username);
+        self.timed(StoreOp::UserCreate, self.set_nx(&key, &user.encode(), None))
             .await
     }
 
     /// The user `username`, if there is one.
     pub async fn get_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let key = self.tagged_key("user:", username);
-        let value: Option<String> = match &self.backend {
-            Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
-            Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
-        };
+        let value: Option<String> = self
+            .timed(StoreOp::UserLookup, async {
+                match &self.backend {
+                    Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await,
+                    Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).cloned()),
+                }
+            })
+            .await?;
         Ok(value.as_deref().and_then(UserRecord::decode))
     }
 
@@ -659,7 +695,9 @@ impl Store {
             return Ok(false);
         }
         let key = self.key("revoked:", jti);
-        let written = self.set_nx(&key, "1", Some(ttl)).await;
+        let written = self
+            .timed(StoreOp::Revoke, self.set_nx(&key, "1", Some(ttl)))
+            .await;
         self.forget(&key);
         written
     }
@@ -697,14 +735,18 @@ impl Store {
         // one `MGET` per slot's node at once and putting the answers back in key order
         // (`MultipleNodeRoutingInfo::MultiSlot` in its cluster_routing), so this stays one
         // call here and one round trip's time there.
-        let values: Vec<Option<String>> = match &self.backend {
-            Backend::Redis(conn) => self.read_revocations(conn, &keys).await?,
-            Backend::Memory(map) => {
-                let map = lock(map);
-                let now = Instant::now();
-                keys.iter().map(|k| map.live(k, now).cloned()).collect()
-            }
-        };
+        let values: Vec<Option<String>> = self
+            .timed(StoreOp::RevocationCheck, async {
+                match &self.backend {
+                    Backend::Redis(conn) => self.read_revocations(conn, &keys).await,
+                    Backend::Memory(map) => {
+                        let map = lock(map);
+                        let now = Instant::now();
+                        Ok(keys.iter().map(|k| map.live(k, now).cloned()).collect())
+                    }
+                }
+            })
+            .await?;
         let current: u64 = values
             .first()
             .and_then(|v| v.as_deref()?.parse().ok())
@@ -876,10 +918,14 @@ impl Store {
     /// The user's session generation: tokens issued now carry it.
     pub async fn generation(&self, user: &str) -> Result<u64, StoreError> {
         let key = self.tagged_key("generation:", user);
-        let value: Option<String> = match &self.backend {
-            Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await?,
-            Backend::Memory(map) => lock(map).live(&key, Instant::now()).cloned(),
-        };
+        let value: Option<String> = self
+            .timed(StoreOp::Generation, async {
+                match &self.backend {
+                    Backend::Redis(conn) => self.query(conn, redis::cmd("GET").arg(&key)).await,
+                    Backend::Memory(map) => Ok(lock(map).live(&key, Instant::now()).cloned()),
+                }
+            })
+            .await?;
         Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
     }
 
@@ -887,19 +933,22 @@ impl Store {
     /// refused; tokens issued after carry the new one and work at once.
     pub async fn end_all_sessions(&self, user: &str) -> Result<u64, StoreError> {
         let key = self.tagged_key("generation:", user);
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let generation = self.query(conn, redis::cmd("INCR").arg(&key)).await;
-                self.forget(&key);
-                Ok(generation?)
+        self.timed(StoreOp::EndSessions, async {
+            match &self.backend {
+                Backend::Redis(conn) => {
+                    let generation = self.query(conn, redis::cmd("INCR").arg(&key)).await;
+                    self.forget(&key);
+                    generation
+                }
+                Backend::Memory(map) => {
+                    let mut map = lock(map);
+                    let now = Instant::now();
+                    map.add(&key, 1, None, now);
+                    Ok(map.count(&key, now) as u64)
+                }
             }
-            Backend::Memory(map) => {
-                let mut map = lock(map);
-                let now = Instant::now();
-                map.add(&key, 1, None, now);
-                Ok(map.count(&key, now) as u64)
-            }
-        }
+        })
+        .await
     }
 
     /// Revokes a refresh family for `ttl` (the longest a token of it can live): every access
@@ -907,7 +956,9 @@ impl Store {
     pub async fn revoke_family(&self, family: &str, ttl: Duration) -> Result<(), StoreError> {
         if !family.is_empty() {
             let key = self.key("family:", family);
-            let written = self.set_nx(&key, "1", Some(ttl)).await;
+            let written = self
+                .timed(StoreOp::RevokeFamily, self.set_nx(&key, "1", Some(ttl)))
+                .await;
             self.forget(&key);
             written?;
         }
@@ -932,6 +983,11 @@ impl Store {
             limit,
             window,
             clear_on_success,
+            kind: if kind == "user" {
+                ThrottleSubject::User
+            } else {
+                ThrottleSubject::Address
+            },
         }
     }
 
@@ -940,6 +996,17 @@ impl Store {
     /// rule. One atomic round trip on standalone Redis and in memory; on a cluster one per
     /// subject (see [`Store::groups`]), a refusal giving back what the earlier ones reserved.
     pub async fn begin_attempt(
+        &self,
+        subjects: Vec<Subject>,
+        user: Option<&str>,
+    ) -> Result<Attempt, StoreError> {
+        self.timed(StoreOp::ThrottleBegin, self.begin_groups(subjects, user))
+            .await
+    }
+
+    /// [`Store::begin_attempt`], group by group; counts each subject that refuses in
+    /// `keycard_throttle_hits_total`.
+    async fn begin_groups(
         &self,
         subjects: Vec<Subject>,
         user: Option<&str>,
@@ -955,14 +1022,23 @@ impl Store {
         let mut hash = None;
         for (group, with_user) in self.groups(&subjects, user) {
             let user_key = user_key.as_deref().filter(|_| with_user);
-            let (verdict, retry_after, read) = self.begin_group(group, user_key).await?;
+            let (verdict, retry_after, read, refused_by) =
+                self.begin_group(group, user_key).await?;
             if verdict != 0 {
+                if let Some(metrics) = &self.metrics {
+                    for (i, subject) in group.iter().enumerate() {
+                        if refused_by >> i & 1 == 1 {
+                            metrics.throttle_hit(subject.kind);
+                        }
+                    }
+                }
                 // Only on a cluster can an earlier group hold a reservation here. Given back
                 // now rather than by `Drop`, so the next attempt sees it gone.
                 reservation.ended = true;
-                if let Err(error) = self
-                    .end_attempt(&reservation.subjects, Outcome::Abandoned)
-                    .await
+                if !reservation.subjects.is_empty()
+                    && let Err(error) = self
+                        .end_attempt(&reservation.subjects, Outcome::Abandoned)
+                        .await
                 {
                     tracing::warn!(%error, "could not give back a refused attempt's reservation");
                 }
@@ -979,12 +1055,15 @@ impl Store {
 
     /// Ends an attempt (see [`END_SCRIPT`]): one call per group, as it began.
     async fn end_attempt(&self, subjects: &[Subject], outcome: Outcome) -> Result<(), StoreError> {
-        for (group, _) in self.groups(subjects, None) {
-            if !group.is_empty() {
-                self.end_group(group, outcome).await?;
+        self.timed(StoreOp::ThrottleEnd, async {
+            for (group, _) in self.groups(subjects, None) {
+                if !group.is_empty() {
+                    self.end_group(group, outcome).await?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// How an attempt's subjects are split into calls, each with whether the user record is
@@ -1011,12 +1090,12 @@ impl Store {
     }
 
     /// [`BEGIN_SCRIPT`] (or [`MemoryMap::begin`]) over one group of subjects, reading the
-    /// user record at `user_key` when given: (verdict, retry-after, hash).
+    /// user record at `user_key` when given.
     async fn begin_group(
         &self,
         subjects: &[Subject],
         user_key: Option<&str>,
-    ) -> Result<(u8, Duration, Option<String>), StoreError> {
+    ) -> Result<Begun, StoreError> {
         match &self.backend {
             Backend::Redis(conn) => {
                 let mut keys: Vec<&str> = Vec::with_capacity(subjects.len() * 2 + 1);
@@ -1029,9 +1108,10 @@ impl Store {
                 keys.extend(user_key);
                 args.push(millis(RESERVATION_TTL));
                 let cmd = eval(BEGIN_SCRIPT, &keys, &args);
-                let (verdict, ttl, hash): (u8, i64, Option<String>) =
+                let (verdict, ttl, hash, refused_by): (u8, i64, Option<String>, u64) =
                     self.query(conn, &cmd).await?;
-                Ok((verdict, Duration::from_millis(ttl.max(0) as u64), hash))
+                let ttl = Duration::from_millis(ttl.max(0) as u64);
+                Ok((verdict, ttl, hash, refused_by))
             }
             Backend::Memory(map) => Ok(lock(map).begin(subjects, user_key)),
         }
@@ -1062,13 +1142,16 @@ impl Store {
 
     /// Whether the store answers; used by `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &self.backend {
-            Backend::Redis(conn) => {
-                let _: String = self.query(conn, &redis::cmd("PING")).await?;
-                Ok(())
+        self.timed(StoreOp::Ping, async {
+            match &self.backend {
+                Backend::Redis(conn) => {
+                    let _: String = self.query(conn, &redis::cmd("PING")).await?;
+                    Ok(())
+                }
+                Backend::Memory(_) => Ok(()),
             }
-            Backend::Memory(_) => Ok(()),
-        }
+        })
+        .await
     }
 }
 
@@ -1194,6 +1277,45 @@ mod tests {
         g.end(true).await.unwrap();
         tokio::time::sleep(w + Duration::from_millis(20)).await;
         go(attempt(&store, "alice", "ip", 2, w).await);
+    }
+
+    #[tokio::test]
+    async fn memory_throttle_refusals_are_counted_by_the_subject_that_refused() {
+        let metrics = Arc::new(Metrics::new());
+        let store = memory().with_metrics(Arc::clone(&metrics));
+        let w = Duration::from_secs(60);
+        let hits = |subject: &str| {
+            let line = format!("keycard_throttle_hits_total{{subject=\"{subject}\"}} ");
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {line} in {text}"))
+        };
+        // The user's limit is 1, the address's 10: one failure, then the user refuses.
+        let (_, a) = go(attempt(&store, "carol", "ip", 1, w).await);
+        a.end(false).await.unwrap();
+        assert!(matches!(
+            attempt(&store, "carol", "ip", 1, w).await,
+            Attempt::Throttled { .. }
+        ));
+        assert_eq!(
+            (hits("user").as_str(), hits("address").as_str()),
+            ("1", "0")
+        );
+        // An attempt in flight at the limit makes the next one Busy: also a hit.
+        let (_, b) = go(attempt(&store, "dave", "ip", 1, w).await);
+        assert!(matches!(
+            attempt(&store, "dave", "ip", 1, w).await,
+            Attempt::Busy
+        ));
+        assert_eq!(hits("user"), "2");
+        b.end(true).await.unwrap();
+        let text = metrics.encode();
+        assert!(
+            text.contains("keycard_store_duration_seconds_count{op=\"throttle_begin\"} 4"),
+            "{text}"
+        );
+        assert!(text.contains("keycard_store_duration_seconds_count{op=\"throttle_end\"} 2"));
     }
 
     #[tokio::test]
