@@ -168,9 +168,23 @@ pub struct StoreConfig {
     pub url: StoreUrl,
     /// `store.prefix`, put before every key.
     pub prefix: String,
-    /// `store.timeout`: a hung store must not hang requests.
+    /// `store.timeout`, the command timeout: the longest any one store operation may take,
+    /// waiting for a connection included, before the request fails closed (503). A hung
+    /// store must not hang requests.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub timeout: Duration,
+    /// `store.connect_timeout`: how long one attempt to open a connection (TCP, TLS
+    /// handshake, `AUTH`/`HELLO`) may take. Separate from `timeout` because a TLS handshake
+    /// to a distant Redis may need longer than a command, and a silent address must not hold
+    /// a reconnect forever.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
+    pub connect_timeout: Duration,
+    /// `store.ca_file`: a PEM file of CA certificates that a `rediss://` server's
+    /// certificate must chain to, instead of the built-in public roots (for a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// The PEM read from `ca_file` by validation (certificates, not secret).
+    #[serde(skip)]
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Default for StoreConfig {
@@ -179,6 +193,9 @@ impl Default for StoreConfig {
             url: StoreUrl::Memory,
             prefix: "keycard:".to_owned(),
             timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            ca_file: None,
+            ca: None,
         }
     }
 }
@@ -188,21 +205,36 @@ impl Default for StoreConfig {
 pub enum StoreUrl {
     /// `memory://`: embedded, single instance.
     Memory,
-    /// `redis://…`, kept as written (it may carry a password, so `Debug` hides it).
+    /// `redis://…` or `rediss://…` (TLS), kept as written (it may carry a password, so
+    /// `Debug` hides it).
     Redis(String),
-    /// `redis+cluster://host:port,host:port,…`: a Redis Cluster, as the seed nodes' URLs
-    /// (`redis://[user:password@]host:port`), each with the credentials written on it or,
-    /// failing that, the first node's. Any node that answers is enough to find the others.
+    /// `redis+cluster://host:port,host:port,…` (or `rediss+cluster://`, TLS): a Redis
+    /// Cluster, as the seed nodes' URLs (`redis://[user:password@]host:port`, `rediss://` for
+    /// TLS), each with the credentials written on it or, failing that, the first node's. Any
+    /// node that answers is enough to find the others.
     Cluster(Vec<String>),
+}
+
+impl StoreUrl {
+    /// Whether the store is reached over TLS (`rediss://`, `rediss+cluster://`): what
+    /// `store.ca_file` needs, and what the logs may say about the store.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            StoreUrl::Memory => false,
+            StoreUrl::Redis(url) => url.starts_with("rediss://"),
+            StoreUrl::Cluster(nodes) => nodes.iter().all(|n| n.starts_with("rediss://")),
+        }
+    }
 }
 
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.is_tls() { "s" } else { "" };
         match self {
             StoreUrl::Memory => f.write_str("memory://"),
-            StoreUrl::Redis(_) => f.write_str("redis://<redacted>"),
+            StoreUrl::Redis(_) => write!(f, "redis{s}://<redacted>"),
             StoreUrl::Cluster(nodes) => {
-                write!(f, "redis+cluster://<{} nodes redacted>", nodes.len())
+                write!(f, "redis{s}+cluster://<{} nodes redacted>", nodes.len())
             }
         }
     }
@@ -712,7 +744,9 @@ impl Config {
     pub fn describe_routes(&self) -> String {
         let store = match &self.store.url {
             StoreUrl::Memory => "memory (embedded, single instance)",
+            StoreUrl::Redis(_) if self.store.url.is_tls() => "redis (TLS)",
             StoreUrl::Redis(_) => "redis",
+            StoreUrl::Cluster(_) if self.store.url.is_tls() => "redis cluster (TLS)",
             StoreUrl::Cluster(_) => "redis cluster",
         };
         let plural = if self.routes.len() == 1 { "" } else { "s" };
@@ -870,6 +904,7 @@ impl Reader<'_> {
                     .to_owned();
             self.error_key("store.prefix", message);
         }
+        self.ca_file(&mut c.store);
         if c.server.listen == c.admin.listen && self.value_span("admin.listen").is_some() {
             let message = "must differ from server.listen (they are two listeners)".to_owned();
             self.error_key("admin.listen", message);
@@ -1078,6 +1113,34 @@ impl Reader<'_> {
         let key = format!("{section}.{key}");
         if self.value_span(&key).is_some() {
             self.error_key(&key, format!("not used with this algorithm; set {instead}"));
+        }
+    }
+
+    /// `store.ca_file`: only with a TLS store URL (anywhere else it would be silently
+    /// unused, and the operator would believe the connection is verified against it), read
+    /// into `store.ca` and proved to hold at least one usable CA certificate, so a wrong file
+    /// is a config error rather than every connection failing.
+    fn ca_file(&mut self, store: &mut StoreConfig) {
+        const KEY: &str = "store.ca_file";
+        let Some(path) = &store.ca_file else {
+            return;
+        };
+        if self.has_error(KEY) || self.has_error("store.url") {
+            return;
+        }
+        if !store.url.is_tls() {
+            let message = "needs a TLS store.url (rediss:// or rediss+cluster://): with this \
+                           URL the connection is not encrypted and the CA would not be used"
+                .to_owned();
+            return self.error_key(KEY, message);
+        }
+        let pem = match read_small_file(path, MAX_SECRET_FILE_BYTES) {
+            Ok(pem) => pem,
+            Err(e) => return self.error_key(KEY, format!("cannot read {}: {e}", path.display())),
+        };
+        match ca_certificates(&pem) {
+            Ok(()) => store.ca = Some(pem),
+            Err(e) => self.error_key(KEY, format!("{}: {e}", path.display())),
         }
     }
 
@@ -1627,31 +1690,34 @@ fn protocols<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     Ok(list(d)?.into_iter().map(|Protocol(p)| p).collect())
 }
 
-/// `memory://`, or a `redis://` URL kept as written. Messages never echo the URL: it may
-/// carry a password. `rediss://` is refused here rather than at the first connection: this
-/// build has no Redis TLS, and `keycard check` must not pass a config `run` cannot use.
+/// `memory://`, or a `redis://` / `rediss://` URL kept as written. Messages never echo the
+/// URL: it may carry a password. A fragment is refused: redis-rs reads `#insecure` as "skip
+/// certificate verification", which keycard never does.
 impl Parse for StoreUrl {
     fn parse(s: &str) -> Result<Self, String> {
         if s == "memory://" {
             return Ok(StoreUrl::Memory);
         }
+        if s.contains('#') {
+            return Err("a store URL takes no #fragment (#insecure in particular: keycard always verifies the server's certificate; write a # in a password as %23)".to_owned());
+        }
         if let Some(rest) = s.strip_prefix("redis+cluster://") {
-            return cluster_nodes(rest).map(StoreUrl::Cluster);
+            return cluster_nodes(rest, "redis").map(StoreUrl::Cluster);
         }
-        if s.starts_with("rediss://") {
-            return Err("rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a local TLS tunnel".to_owned());
+        if let Some(rest) = s.strip_prefix("rediss+cluster://") {
+            return cluster_nodes(rest, "rediss").map(StoreUrl::Cluster);
         }
-        if !s.starts_with("redis://") {
+        if !s.starts_with("redis://") && !s.starts_with("rediss://") {
             return Err(
-                "unsupported store URL: expected \"memory://\", \"redis://…\" or \"redis+cluster://…\""
+                "unsupported store URL: expected \"memory://\", \"redis://…\", \"rediss://…\" (TLS), \"redis+cluster://…\" or \"rediss+cluster://…\""
                     .to_owned(),
             );
         }
         let uri: http::Uri = s.parse().map_err(|_| {
-            "invalid redis URL (expected redis://[:password@]host[:port][/db])".to_owned()
+            "invalid redis URL (expected redis[s]://[[user]:password@]host[:port][/db])".to_owned()
         })?;
         if uri.host().is_none_or(str::is_empty) {
-            return Err("redis URL has no host (expected redis://host[:port][/db])".to_owned());
+            return Err("redis URL has no host (expected redis[s]://host[:port][/db])".to_owned());
         }
         if !port_is_valid(&uri) {
             return Err("redis URL has an invalid port (expected 1-65535)".to_owned());
@@ -1666,12 +1732,12 @@ impl Parse for StoreUrl {
     }
 }
 
-/// The seed nodes of `redis+cluster://[user:password@]host[:port],…[/0]` (the part after the
-/// scheme) as `redis://` URLs. Credentials written on the first node apply to the others that
-/// have none, so a password is written once. A cluster has only database 0: any other number
-/// is refused here rather than failing every connection later.
-fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
-    const FORM: &str = "expected redis+cluster://[user:password@]host:port,host:port,…";
+/// The seed nodes of `redis[s]+cluster://[user:password@]host[:port],…[/0]` (the part after
+/// the scheme) as `scheme://` URLs. Credentials written on the first node apply to the others
+/// that have none, so a password is written once. A cluster has only database 0: any other
+/// number is refused here rather than failing every connection later.
+fn cluster_nodes(rest: &str, scheme: &str) -> Result<Vec<String>, String> {
+    const FORM: &str = "expected redis[s]+cluster://[user:password@]host:port,host:port,…";
     // The path starts at the first `/` after the last `@`: a password's `/` must be
     // percent-encoded in a URL anyway, but a literal one before the `@` is not the path.
     let after_credentials = rest.rfind('@').map_or(0, |at| at + 1);
@@ -1691,10 +1757,10 @@ fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
         let url = match (node.rsplit_once('@'), credentials) {
             (Some((user, _)), _) if i == 0 => {
                 credentials = Some(user);
-                format!("redis://{node}")
+                format!("{scheme}://{node}")
             }
-            (None, Some(user)) => format!("redis://{user}@{node}"),
-            _ => format!("redis://{node}"),
+            (None, Some(user)) => format!("{scheme}://{user}@{node}"),
+            _ => format!("{scheme}://{node}"),
         };
         let uri: http::Uri = url
             .parse()
@@ -1711,6 +1777,24 @@ fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
         nodes.push(url);
     }
     Ok(nodes)
+}
+
+/// Checks that `pem` holds at least one CA certificate rustls accepts as a trust anchor, and
+/// nothing unreadable.
+fn ca_certificates(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate file ({e})"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate cannot be used as a CA ({e})"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)".to_owned());
+    }
+    Ok(())
 }
 
 /// For configs built in code (tests, `keycard dev`): the same rules as in a file.
