@@ -2476,7 +2476,13 @@ timeout = "2m"
             "memory",
             "redis://",
             "redis://h:port",
-            "rediss://h:6380",
+            "rediss://",
+            "rediss://h:0",
+            // redis-rs would read this as "do not verify the certificate".
+            "rediss://h:6380/#insecure",
+            "rediss://h:6380#insecure",
+            "rediss+cluster://h:7000/#insecure",
+            "redis://h:6379/0#x",
         ] {
             let text = minimal_with("url = \"memory://\"", &format!("url = \"{url}\""));
             let e = one_error(&text);
@@ -2485,6 +2491,130 @@ timeout = "2m"
         // The URL (it may carry a password) is not echoed.
         let text = minimal_with("url = \"memory://\"", "url = \"redis://:hunter2@h:x\"");
         assert!(!one_error(&text).to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn tls_store_urls() {
+        let store = |lines: &str| parse(&minimal_with("url = \"memory://\"", lines));
+        let c = store("url = \"rediss://keycard:s3cret@redis.internal:6380/2\"").unwrap();
+        assert!(c.store.url.is_tls());
+        assert_eq!(c.store.ca, None);
+        // Debug (so every log line) says TLS but never shows the user's password.
+        let debug = format!("{c:?} {:?}", c.store.url);
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("rediss://<redacted>"), "{debug}");
+        assert!(c.describe_routes().contains("redis (TLS)"));
+        assert!(!c.describe_routes().contains("s3cret"));
+        let c = store("url = \"rediss+cluster://u:pw@a:7000,b:7001\"").unwrap();
+        assert_eq!(
+            c.store.url,
+            StoreUrl::Cluster(vec![
+                "rediss://u:pw@a:7000".into(),
+                "rediss://u:pw@b:7001".into()
+            ])
+        );
+        assert!(c.store.url.is_tls());
+        assert!(!format!("{:?}", c.store.url).contains("pw"));
+        assert!(c.describe_routes().contains("redis cluster (TLS)"));
+        for plain in ["redis://h:6379/0", "redis+cluster://h:7000", "memory://"] {
+            let c = store(&format!("url = \"{plain}\"")).unwrap();
+            assert!(!c.store.url.is_tls(), "{plain}");
+        }
+    }
+
+    /// A fresh CA certificate (PEM) in a file of its own; removed by the caller.
+    fn ca_file(name: &str) -> (std::path::PathBuf, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let dir = std::env::temp_dir().join(format!("keycard-ca-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &pem).unwrap();
+        (path, pem)
+    }
+
+    #[test]
+    fn store_ca_file_needs_tls_and_a_certificate() {
+        let (path, pem) = ca_file("unit");
+        let dir = path.parent().unwrap().to_path_buf();
+        let store = |url: &str, file: &std::path::Path| {
+            let lines = format!(
+                "url = \"{url}\"\nca_file = {:?}",
+                file.display().to_string()
+            );
+            parse(&minimal_with("url = \"memory://\"", &lines))
+        };
+        // With TLS: read into store.ca.
+        let c = store("rediss://h:6380", &path).unwrap();
+        assert_eq!(c.store.ca.as_deref(), Some(pem.as_bytes()));
+        assert_eq!(c.store.ca_file.as_deref(), Some(path.as_path()));
+        let c = store("rediss+cluster://h:7000,h:7001", &path).unwrap();
+        assert!(c.store.ca.is_some());
+        // Without TLS the CA would silently do nothing: an error naming the key.
+        for url in ["redis://h:6379", "redis+cluster://h:7000", "memory://"] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!(
+                    "url = \"{url}\"\nca_file = {:?}",
+                    path.display().to_string()
+                ),
+            );
+            let e = one_error(&text);
+            assert_eq!(e.key, "store.ca_file", "{url}");
+            assert!(e.message.contains("rediss://"), "{e}");
+            assert!(e.position.is_some(), "{e}");
+        }
+        // A missing file, an empty one, a key instead of a certificate, garbage.
+        let missing = dir.join("missing.pem");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (file, says) in [
+            (&missing, "cannot read"),
+            (&empty, "no PEM certificate"),
+            (&key, "no PEM certificate"),
+            (&garbage, "certificate"),
+        ] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!(
+                    "url = \"rediss://h\"\nca_file = {:?}",
+                    file.display().to_string()
+                ),
+            );
+            let e = one_error(&text);
+            assert_eq!(e.key, "store.ca_file", "{}", file.display());
+            assert!(e.message.contains(says), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn store_connect_timeout() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.store.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.store.timeout, Duration::from_secs(2));
+        let store = |lines: &str| parse(&minimal_with("url = \"memory://\"", lines));
+        let c =
+            store("url = \"redis://h\"\nconnect_timeout = \"750ms\"\ntimeout = \"250ms\"").unwrap();
+        assert_eq!(c.store.connect_timeout, Duration::from_millis(750));
+        assert_eq!(c.store.timeout, Duration::from_millis(250));
+        for bad in ["\"0s\"", "\"2\"", "5", "\"10M\""] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!("url = \"redis://h\"\nconnect_timeout = {bad}"),
+            );
+            assert_eq!(one_error(&text).key, "store.connect_timeout", "{bad}");
+        }
     }
 
     #[test]
