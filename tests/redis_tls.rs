@@ -94,7 +94,8 @@ const KEYCARD_ACL: &str = "resetkeys ~keycard:* resetchannels -@all +ping +get +
                            +incr +decr +del +pttl +pexpire +eval +scan +client|tracking";
 
 /// A `redis-server` with `--port 0` (no plaintext) and TLS on a loopback port; killed on
-/// drop. `users` are ACL lines (`user <name> ...`) written into its config file.
+/// drop. Extra config lines (ACL `user <name> ...` lines, cluster settings) go into its
+/// config file.
 struct TlsRedis {
     port: u16,
     child: Child,
@@ -108,12 +109,12 @@ impl TlsRedis {
         TlsRedis::start_with_users(pki, cert, &[], &[])
     }
 
-    /// With ACL `users` lines; `cli_auth` is what `redis-cli` needs to log in (`--user`,
-    /// `--pass`).
+    /// With extra config `lines` (such as ACL users); `cli_auth` is what `redis-cli` needs to
+    /// log in (`--user`, `--pass`).
     fn start_with_users(
         pki: &Pki,
         cert: &(PathBuf, PathBuf),
-        users: &[&str],
+        lines: &[&str],
         cli_auth: &[&str],
     ) -> TlsRedis {
         let mut last = String::new();
@@ -128,8 +129,8 @@ impl TlsRedis {
                 cert.1.display(),
                 pki.ca_file().display(),
             );
-            for user in users {
-                text.push_str(user);
+            for line in lines {
+                text.push_str(&line.replace("{port}", &port.to_string()));
                 text.push('\n');
             }
             std::fs::write(&conf, text).unwrap();
@@ -574,4 +575,41 @@ async fn a_silent_store_fails_closed_within_the_configured_timeouts() {
         }
     }
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_over_tls_runs_the_contract_flow() {
+    // The smallest cluster: one master over TLS (its bus too) owning every slot. The client
+    // learns the node's address from CLUSTER SLOTS and connects to it over TLS, verified
+    // against store.ca_file.
+    let pki = Pki::new();
+    let cert = pki.server("redis", &["127.0.0.1"]);
+    let nodes = pki.dir.join("nodes-{port}.conf");
+    let lines = [
+        "cluster-enabled yes".to_owned(),
+        "tls-cluster yes".to_owned(),
+        format!("cluster-config-file {}", nodes.display()),
+    ];
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let redis = TlsRedis::start_with_users(&pki, &cert, &lines, &[]);
+    redis.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+        assert!(
+            Instant::now() < deadline,
+            "the one-node cluster never became ok"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let upstream = Upstream::start().await;
+    let url = format!("rediss+cluster://127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(opts(&url, &upstream, Some(&pki.ca_file()))).await;
+    assert_eq!(readyz(&gw).await, 200);
+    contract_flow(&gw, "clu").await;
+    let user = redis.cli(&["GET", "keycard:user:{clu}"]);
+    assert!(user.contains("argon2id"), "{user}");
+    // The wrong CA: refused.
+    let gw = Gateway::start(opts(&url, &upstream, Some(&pki.other_ca_file()))).await;
+    assert_eq!(readyz(&gw).await, 503);
+    assert_eq!(gw.register("mallory", PASSWORD).await.status(), 503);
 }
