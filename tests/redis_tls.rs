@@ -581,7 +581,7 @@ async fn a_silent_store_fails_closed_within_the_configured_timeouts() {
 async fn a_redis_cluster_over_tls_runs_the_contract_flow() {
     // The smallest cluster: one master over TLS (its bus too) owning every slot. The client
     // learns the node's address from CLUSTER SLOTS and connects to it over TLS, verified
-    // against store.ca_file.
+    // against store.ca_file. As the ACL user, whose cluster ACL adds `cluster|slots`.
     let pki = Pki::new();
     let cert = pki.server("redis", &["127.0.0.1"]);
     let nodes = pki.dir.join("nodes-{port}.conf");
@@ -589,9 +589,13 @@ async fn a_redis_cluster_over_tls_runs_the_contract_flow() {
         "cluster-enabled yes".to_owned(),
         "tls-cluster yes".to_owned(),
         format!("cluster-config-file {}", nodes.display()),
+        "user default off".to_owned(),
+        format!("user keycard on >acl-s3cret {KEYCARD_ACL} +cluster|slots"),
+        "user operator on >op-pw ~* &* +@all".to_owned(),
     ];
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let redis = TlsRedis::start_with_users(&pki, &cert, &lines, &[]);
+    let operator = ["--user", "operator", "--pass", "op-pw"];
+    let redis = TlsRedis::start_with_users(&pki, &cert, &lines, &operator);
     redis.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !redis.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
@@ -602,12 +606,17 @@ async fn a_redis_cluster_over_tls_runs_the_contract_flow() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let upstream = Upstream::start().await;
-    let url = format!("rediss+cluster://127.0.0.1:{}", redis.port);
+    let url = format!(
+        "rediss+cluster://keycard:acl-s3cret@127.0.0.1:{}",
+        redis.port
+    );
     let gw = Gateway::start(opts(&url, &upstream, Some(&pki.ca_file()))).await;
     assert_eq!(readyz(&gw).await, 200);
     contract_flow(&gw, "clu").await;
     let user = redis.cli(&["GET", "keycard:user:{clu}"]);
     assert!(user.contains("argon2id"), "{user}");
+    let denied = redis.cli(&["ACL", "LOG"]);
+    assert!(denied.trim().is_empty(), "ACL denials: {denied}");
     // The wrong CA: refused.
     let gw = Gateway::start(opts(&url, &upstream, Some(&pki.other_ca_file()))).await;
     assert_eq!(readyz(&gw).await, 503);
