@@ -175,9 +175,23 @@ pub struct StoreConfig {
     pub url: StoreUrl,
     /// `store.prefix`, put before every key.
     pub prefix: String,
-    /// `store.timeout`: a hung store must not hang requests.
+    /// `store.timeout`, the command timeout: the longest any one store operation may take,
+    /// waiting for a connection included, before the request fails closed (503). A hung
+    /// store must not hang requests.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub timeout: Duration,
+    /// `store.connect_timeout`: how long one attempt to open a connection (TCP, TLS
+    /// handshake, `AUTH`/`HELLO`) may take. Separate from `timeout` because a TLS handshake
+    /// to a distant Redis may need longer than a command, and a silent address must not hold
+    /// a reconnect forever.
+    #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
+    pub connect_timeout: Duration,
+    /// `store.ca_file`: a PEM file of CA certificates that a `rediss://` server's
+    /// certificate must chain to, instead of the built-in public roots (for a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// The PEM read from `ca_file` by validation (certificates, not secret).
+    #[serde(skip)]
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Default for StoreConfig {
@@ -186,6 +200,9 @@ impl Default for StoreConfig {
             url: StoreUrl::Memory,
             prefix: "keycard:".to_owned(),
             timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            ca_file: None,
+            ca: None,
         }
     }
 }
@@ -195,21 +212,36 @@ impl Default for StoreConfig {
 pub enum StoreUrl {
     /// `memory://`: embedded, single instance.
     Memory,
-    /// `redis://…`, kept as written (it may carry a password, so `Debug` hides it).
+    /// `redis://…` or `rediss://…` (TLS), kept as written (it may carry a password, so
+    /// `Debug` hides it).
     Redis(String),
-    /// `redis+cluster://host:port,host:port,…`: a Redis Cluster, as the seed nodes' URLs
-    /// (`redis://[user:password@]host:port`), each with the credentials written on it or,
-    /// failing that, the first node's. Any node that answers is enough to find the others.
+    /// `redis+cluster://host:port,host:port,…` (or `rediss+cluster://`, TLS): a Redis
+    /// Cluster, as the seed nodes' URLs (`redis://[user:password@]host:port`, `rediss://` for
+    /// TLS), each with the credentials written on it or, failing that, the first node's. Any
+    /// node that answers is enough to find the others.
     Cluster(Vec<String>),
+}
+
+impl StoreUrl {
+    /// Whether the store is reached over TLS (`rediss://`, `rediss+cluster://`): what
+    /// `store.ca_file` needs, and what the logs may say about the store.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            StoreUrl::Memory => false,
+            StoreUrl::Redis(url) => url.starts_with("rediss://"),
+            StoreUrl::Cluster(nodes) => nodes.iter().all(|n| n.starts_with("rediss://")),
+        }
+    }
 }
 
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.is_tls() { "s" } else { "" };
         match self {
             StoreUrl::Memory => f.write_str("memory://"),
-            StoreUrl::Redis(_) => f.write_str("redis://<redacted>"),
+            StoreUrl::Redis(_) => write!(f, "redis{s}://<redacted>"),
             StoreUrl::Cluster(nodes) => {
-                write!(f, "redis+cluster://<{} nodes redacted>", nodes.len())
+                write!(f, "redis{s}+cluster://<{} nodes redacted>", nodes.len())
             }
         }
     }
@@ -719,7 +751,9 @@ impl Config {
     pub fn describe_routes(&self) -> String {
         let store = match &self.store.url {
             StoreUrl::Memory => "memory (embedded, single instance)",
+            StoreUrl::Redis(_) if self.store.url.is_tls() => "redis (TLS)",
             StoreUrl::Redis(_) => "redis",
+            StoreUrl::Cluster(_) if self.store.url.is_tls() => "redis cluster (TLS)",
             StoreUrl::Cluster(_) => "redis cluster",
         };
         let plural = if self.routes.len() == 1 { "" } else { "s" };
@@ -877,6 +911,7 @@ impl Reader<'_> {
                     .to_owned();
             self.error_key("store.prefix", message);
         }
+        self.ca_file(&mut c.store);
         if c.server.listen == c.admin.listen && self.value_span("admin.listen").is_some() {
             let message = "must differ from server.listen (they are two listeners)".to_owned();
             self.error_key("admin.listen", message);
@@ -1085,6 +1120,34 @@ impl Reader<'_> {
         let key = format!("{section}.{key}");
         if self.value_span(&key).is_some() {
             self.error_key(&key, format!("not used with this algorithm; set {instead}"));
+        }
+    }
+
+    /// `store.ca_file`: only with a TLS store URL (anywhere else it would be silently
+    /// unused, and the operator would believe the connection is verified against it), read
+    /// into `store.ca` and proved to hold at least one usable CA certificate, so a wrong file
+    /// is a config error rather than every connection failing.
+    fn ca_file(&mut self, store: &mut StoreConfig) {
+        const KEY: &str = "store.ca_file";
+        let Some(path) = &store.ca_file else {
+            return;
+        };
+        if self.has_error(KEY) || self.has_error("store.url") {
+            return;
+        }
+        if !store.url.is_tls() {
+            let message = "needs a TLS store.url (rediss:// or rediss+cluster://): with this \
+                           URL the connection is not encrypted and the CA would not be used"
+                .to_owned();
+            return self.error_key(KEY, message);
+        }
+        let pem = match read_small_file(path, MAX_SECRET_FILE_BYTES) {
+            Ok(pem) => pem,
+            Err(e) => return self.error_key(KEY, format!("cannot read {}: {e}", path.display())),
+        };
+        match ca_certificates(&pem) {
+            Ok(()) => store.ca = Some(pem),
+            Err(e) => self.error_key(KEY, format!("{}: {e}", path.display())),
         }
     }
 
@@ -1634,31 +1697,34 @@ fn protocols<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     Ok(list(d)?.into_iter().map(|Protocol(p)| p).collect())
 }
 
-/// `memory://`, or a `redis://` URL kept as written. Messages never echo the URL: it may
-/// carry a password. `rediss://` is refused here rather than at the first connection: this
-/// build has no Redis TLS, and `keycard check` must not pass a config `run` cannot use.
+/// `memory://`, or a `redis://` / `rediss://` URL kept as written. Messages never echo the
+/// URL: it may carry a password. A fragment is refused: redis-rs reads `#insecure` as "skip
+/// certificate verification", which keycard never does.
 impl Parse for StoreUrl {
     fn parse(s: &str) -> Result<Self, String> {
         if s == "memory://" {
             return Ok(StoreUrl::Memory);
         }
+        if s.contains('#') {
+            return Err("a store URL takes no #fragment (#insecure in particular: keycard always verifies the server's certificate; write a # in a password as %23)".to_owned());
+        }
         if let Some(rest) = s.strip_prefix("redis+cluster://") {
-            return cluster_nodes(rest).map(StoreUrl::Cluster);
+            return cluster_nodes(rest, "redis").map(StoreUrl::Cluster);
         }
-        if s.starts_with("rediss://") {
-            return Err("rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a local TLS tunnel".to_owned());
+        if let Some(rest) = s.strip_prefix("rediss+cluster://") {
+            return cluster_nodes(rest, "rediss").map(StoreUrl::Cluster);
         }
-        if !s.starts_with("redis://") {
+        if !s.starts_with("redis://") && !s.starts_with("rediss://") {
             return Err(
-                "unsupported store URL: expected \"memory://\", \"redis://…\" or \"redis+cluster://…\""
+                "unsupported store URL: expected \"memory://\", \"redis://…\", \"rediss://…\" (TLS), \"redis+cluster://…\" or \"rediss+cluster://…\""
                     .to_owned(),
             );
         }
         let uri: http::Uri = s.parse().map_err(|_| {
-            "invalid redis URL (expected redis://[:password@]host[:port][/db])".to_owned()
+            "invalid redis URL (expected redis[s]://[[user]:password@]host[:port][/db])".to_owned()
         })?;
         if uri.host().is_none_or(str::is_empty) {
-            return Err("redis URL has no host (expected redis://host[:port][/db])".to_owned());
+            return Err("redis URL has no host (expected redis[s]://host[:port][/db])".to_owned());
         }
         if !port_is_valid(&uri) {
             return Err("redis URL has an invalid port (expected 1-65535)".to_owned());
@@ -1673,12 +1739,12 @@ impl Parse for StoreUrl {
     }
 }
 
-/// The seed nodes of `redis+cluster://[user:password@]host[:port],…[/0]` (the part after the
-/// scheme) as `redis://` URLs. Credentials written on the first node apply to the others that
-/// have none, so a password is written once. A cluster has only database 0: any other number
-/// is refused here rather than failing every connection later.
-fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
-    const FORM: &str = "expected redis+cluster://[user:password@]host:port,host:port,…";
+/// The seed nodes of `redis[s]+cluster://[user:password@]host[:port],…[/0]` (the part after
+/// the scheme) as `scheme://` URLs. Credentials written on the first node apply to the others
+/// that have none, so a password is written once. A cluster has only database 0: any other
+/// number is refused here rather than failing every connection later.
+fn cluster_nodes(rest: &str, scheme: &str) -> Result<Vec<String>, String> {
+    const FORM: &str = "expected redis[s]+cluster://[user:password@]host:port,host:port,…";
     // The path starts at the first `/` after the last `@`: a password's `/` must be
     // percent-encoded in a URL anyway, but a literal one before the `@` is not the path.
     let after_credentials = rest.rfind('@').map_or(0, |at| at + 1);
@@ -1698,10 +1764,10 @@ fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
         let url = match (node.rsplit_once('@'), credentials) {
             (Some((user, _)), _) if i == 0 => {
                 credentials = Some(user);
-                format!("redis://{node}")
+                format!("{scheme}://{node}")
             }
-            (None, Some(user)) => format!("redis://{user}@{node}"),
-            _ => format!("redis://{node}"),
+            (None, Some(user)) => format!("{scheme}://{user}@{node}"),
+            _ => format!("{scheme}://{node}"),
         };
         let uri: http::Uri = url
             .parse()
@@ -1718,6 +1784,24 @@ fn cluster_nodes(rest: &str) -> Result<Vec<String>, String> {
         nodes.push(url);
     }
     Ok(nodes)
+}
+
+/// Checks that `pem` holds at least one CA certificate rustls accepts as a trust anchor, and
+/// nothing unreadable.
+fn ca_certificates(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate file ({e})"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate cannot be used as a CA ({e})"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)".to_owned());
+    }
+    Ok(())
 }
 
 /// For configs built in code (tests, `keycard dev`): the same rules as in a file.
@@ -2400,7 +2484,13 @@ timeout = "2m"
             "memory",
             "redis://",
             "redis://h:port",
-            "rediss://h:6380",
+            "rediss://",
+            "rediss://h:0",
+            // redis-rs would read this as "do not verify the certificate".
+            "rediss://h:6380/#insecure",
+            "rediss://h:6380#insecure",
+            "rediss+cluster://h:7000/#insecure",
+            "redis://h:6379/0#x",
         ] {
             let text = minimal_with("url = \"memory://\"", &format!("url = \"{url}\""));
             let e = one_error(&text);
@@ -2409,6 +2499,130 @@ timeout = "2m"
         // The URL (it may carry a password) is not echoed.
         let text = minimal_with("url = \"memory://\"", "url = \"redis://:hunter2@h:x\"");
         assert!(!one_error(&text).to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn tls_store_urls() {
+        let store = |lines: &str| parse(&minimal_with("url = \"memory://\"", lines));
+        let c = store("url = \"rediss://keycard:s3cret@redis.internal:6380/2\"").unwrap();
+        assert!(c.store.url.is_tls());
+        assert_eq!(c.store.ca, None);
+        // Debug (so every log line) says TLS but never shows the user's password.
+        let debug = format!("{c:?} {:?}", c.store.url);
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("rediss://<redacted>"), "{debug}");
+        assert!(c.describe_routes().contains("redis (TLS)"));
+        assert!(!c.describe_routes().contains("s3cret"));
+        let c = store("url = \"rediss+cluster://u:pw@a:7000,b:7001\"").unwrap();
+        assert_eq!(
+            c.store.url,
+            StoreUrl::Cluster(vec![
+                "rediss://u:pw@a:7000".into(),
+                "rediss://u:pw@b:7001".into()
+            ])
+        );
+        assert!(c.store.url.is_tls());
+        assert!(!format!("{:?}", c.store.url).contains("pw"));
+        assert!(c.describe_routes().contains("redis cluster (TLS)"));
+        for plain in ["redis://h:6379/0", "redis+cluster://h:7000", "memory://"] {
+            let c = store(&format!("url = \"{plain}\"")).unwrap();
+            assert!(!c.store.url.is_tls(), "{plain}");
+        }
+    }
+
+    /// A fresh CA certificate (PEM) in a file of its own; removed by the caller.
+    fn ca_file(name: &str) -> (std::path::PathBuf, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let dir = std::env::temp_dir().join(format!("keycard-ca-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &pem).unwrap();
+        (path, pem)
+    }
+
+    #[test]
+    fn store_ca_file_needs_tls_and_a_certificate() {
+        let (path, pem) = ca_file("unit");
+        let dir = path.parent().unwrap().to_path_buf();
+        let store = |url: &str, file: &std::path::Path| {
+            let lines = format!(
+                "url = \"{url}\"\nca_file = {:?}",
+                file.display().to_string()
+            );
+            parse(&minimal_with("url = \"memory://\"", &lines))
+        };
+        // With TLS: read into store.ca.
+        let c = store("rediss://h:6380", &path).unwrap();
+        assert_eq!(c.store.ca.as_deref(), Some(pem.as_bytes()));
+        assert_eq!(c.store.ca_file.as_deref(), Some(path.as_path()));
+        let c = store("rediss+cluster://h:7000,h:7001", &path).unwrap();
+        assert!(c.store.ca.is_some());
+        // Without TLS the CA would silently do nothing: an error naming the key.
+        for url in ["redis://h:6379", "redis+cluster://h:7000", "memory://"] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!(
+                    "url = \"{url}\"\nca_file = {:?}",
+                    path.display().to_string()
+                ),
+            );
+            let e = one_error(&text);
+            assert_eq!(e.key, "store.ca_file", "{url}");
+            assert!(e.message.contains("rediss://"), "{e}");
+            assert!(e.position.is_some(), "{e}");
+        }
+        // A missing file, an empty one, a key instead of a certificate, garbage.
+        let missing = dir.join("missing.pem");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (file, says) in [
+            (&missing, "cannot read"),
+            (&empty, "no PEM certificate"),
+            (&key, "no PEM certificate"),
+            (&garbage, "certificate"),
+        ] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!(
+                    "url = \"rediss://h\"\nca_file = {:?}",
+                    file.display().to_string()
+                ),
+            );
+            let e = one_error(&text);
+            assert_eq!(e.key, "store.ca_file", "{}", file.display());
+            assert!(e.message.contains(says), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn store_connect_timeout() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.store.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.store.timeout, Duration::from_secs(2));
+        let store = |lines: &str| parse(&minimal_with("url = \"memory://\"", lines));
+        let c =
+            store("url = \"redis://h\"\nconnect_timeout = \"750ms\"\ntimeout = \"250ms\"").unwrap();
+        assert_eq!(c.store.connect_timeout, Duration::from_millis(750));
+        assert_eq!(c.store.timeout, Duration::from_millis(250));
+        for bad in ["\"0s\"", "\"2\"", "5", "\"10M\""] {
+            let text = minimal_with(
+                "url = \"memory://\"",
+                &format!("url = \"redis://h\"\nconnect_timeout = {bad}"),
+            );
+            assert_eq!(one_error(&text).key, "store.connect_timeout", "{bad}");
+        }
     }
 
     #[test]

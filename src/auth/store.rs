@@ -442,6 +442,39 @@ impl MemoryMap {
     }
 }
 
+/// A client for the standalone Redis at `url` (user and password, if any, written in it).
+/// `rediss://` is TLS, verified against the public roots built in (webpki-roots) or, with
+/// `store.ca_file`, against that CA only; the server's name (or IP) must be in its
+/// certificate either way: this build cannot turn verification off (redis-rs's
+/// `tls-rustls-insecure` feature is not enabled, and the config refuses `#insecure`).
+fn client(url: &str, config: &StoreConfig) -> Result<redis::Client, StoreError> {
+    if !url.starts_with("rediss://") {
+        return Ok(redis::Client::open(url)?);
+    }
+    use_ring_for_tls();
+    match &config.ca {
+        Some(ca) => Ok(redis::Client::build_with_tls(url, certificates(ca))?),
+        None => Ok(redis::Client::open(url)?),
+    }
+}
+
+/// `store.ca_file`'s certificates as redis-rs wants them: trust anchors, no client
+/// certificate.
+fn certificates(ca: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
+    }
+}
+
+/// redis-rs builds its rustls config with the process's default crypto provider. keycard's
+/// tree enables only ring today, which rustls then picks by itself; installing it explicitly
+/// keeps a future dependency that also enables aws-lc-rs from turning every TLS connect into
+/// a panic. (Installing twice is a no-op error, ignored.)
+fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Sweeps the embedded store every `every` for as long as the store exists (the task holds
 /// only a weak reference). Without a runtime (a unit test building a store by hand) nothing
 /// is spawned; reads still treat expired entries as missing.
@@ -491,9 +524,9 @@ impl Store {
                 Backend::Memory(map)
             }
             StoreUrl::Redis(url) => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = client(url, config)?;
                 let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.timeout))
+                    .set_connection_timeout(Some(config.connect_timeout))
                     .set_response_timeout(Some(config.timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
@@ -508,17 +541,26 @@ impl Store {
                 if tokio::runtime::Handle::try_current().is_err() {
                     return Err(StoreError::NoRuntime);
                 }
-                // Each try (connect, answer) and the whole command with its retries and
-                // redirections stay within `store.timeout`, as `query` enforces too.
-                let client =
+                // Each try connects within `store.connect_timeout` and is answered within
+                // `store.timeout`; the whole command with its retries and redirections stays
+                // within `store.timeout`, as `query` enforces.
+                let mut builder =
                     redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
-                        .connection_timeout(config.timeout)
+                        .connection_timeout(config.connect_timeout)
                         .response_timeout(config.timeout)
                         .retries(3)
-                        .max_retry_wait(500)
-                        .build()?;
+                        .max_retry_wait(500);
+                if config.url.is_tls() {
+                    use_ring_for_tls();
+                }
+                // `rediss://` seed nodes make every node connection TLS (redis-rs takes the
+                // mode from the first node); the CA, when given, replaces the public roots.
+                if let Some(ca) = &config.ca {
+                    builder = builder.certs(certificates(ca));
+                }
+                let client = builder.build()?;
                 let cluster_config = redis::cluster::ClusterConfig::new()
-                    .set_connection_timeout(config.timeout)
+                    .set_connection_timeout(config.connect_timeout)
                     .set_response_timeout(config.timeout);
                 // Pending: the nodes are connected in the background, like the standalone
                 // `new_lazy_with_config`; until then commands fail (503) rather than startup.
@@ -560,8 +602,14 @@ impl Store {
     pub fn with_revocation_cache(mut self, config: &StoreConfig) -> Result<Store, StoreError> {
         match &config.url {
             StoreUrl::Redis(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                self.revocations = Some(RevocationCache::start(&client, config.timeout));
+                // The same client as the store's: the tracking connection gets the same TLS
+                // settings and the same ACL user as every other connection.
+                let client = client(url, config)?;
+                self.revocations = Some(RevocationCache::start(
+                    &client,
+                    config.connect_timeout,
+                    config.timeout,
+                ));
             }
             StoreUrl::Cluster(_) => tracing::info!(
                 "revocation cache off on Redis Cluster: every request is checked in Redis"
@@ -1184,6 +1232,7 @@ mod tests {
             url: StoreUrl::Memory,
             prefix: "t:".into(),
             timeout: Duration::from_secs(1),
+            ..StoreConfig::default()
         })
         .unwrap()
     }

@@ -147,8 +147,14 @@ impl Ticket<'_> {
 
 impl RevocationCache {
     /// Starts the cache and the task that keeps its connection to `client`'s server, until
-    /// the returned value (and every clone of it) is dropped.
-    pub fn start(client: &redis::Client, timeout: Duration) -> Arc<RevocationCache> {
+    /// the returned value (and every clone of it) is dropped. The connection is `client`'s
+    /// (its TLS settings, user and password) switched to RESP3; each attempt to open it gets
+    /// `connect_timeout` (`store.connect_timeout`), each command `timeout` (`store.timeout`).
+    pub fn start(
+        client: &redis::Client,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Arc<RevocationCache> {
         let cache = Arc::new(RevocationCache {
             state: Mutex::new(State {
                 entries: HashMap::new(),
@@ -170,7 +176,11 @@ impl RevocationCache {
         let info = info.set_redis_settings(settings);
         match redis::Client::open(info) {
             Ok(client) => {
-                tokio::spawn(keep(Arc::downgrade(&cache), client, timeout));
+                let timeouts = Timeouts {
+                    connect: connect_timeout,
+                    command: timeout,
+                };
+                tokio::spawn(keep(Arc::downgrade(&cache), client, timeouts));
             }
             Err(error) => tracing::warn!(%error, "revocation cache off"),
         }
@@ -271,10 +281,18 @@ impl RevocationCache {
     }
 }
 
+/// `store.connect_timeout` and `store.timeout`, for the tracking connection.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    command: Duration,
+}
+
 /// Keeps the tracking connection: connect, `CLIENT TRACKING ON`, then answer fences (and ping
 /// every [`HEARTBEAT`] when none is asked for); on any failure turn the cache off, wait
 /// [`RETRY`] and start again. Ends when the cache is dropped.
-async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Duration) {
+async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeouts: Timeouts) {
+    let timeout = timeouts.command;
     let mut id = 0u64;
     let mut warned = false;
     loop {
@@ -282,7 +300,7 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
         let pushes = cache.clone();
         let this = id;
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeouts.connect))
             .set_response_timeout(Some(timeout))
             .set_push_sender(move |info: PushInfo| {
                 if let Some(cache) = pushes.upgrade() {
@@ -301,7 +319,8 @@ async fn keep(cache: Weak<RevocationCache>, client: redis::Client, timeout: Dura
                 .await?;
             Ok::<_, redis::RedisError>(conn)
         };
-        match tokio::time::timeout(timeout, connected).await {
+        // Connecting (TCP, TLS, HELLO) and then one command.
+        match tokio::time::timeout(timeouts.connect + timeout, connected).await {
             Ok(Ok(conn)) => {
                 let Some(strong) = cache.upgrade() else {
                     return;

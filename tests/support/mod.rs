@@ -810,6 +810,7 @@ impl GatewayOpts {
         c.store.timeout = Duration::from_secs(1);
         // No load balancer to tell: tests that stop a gateway want it stopped now.
         c.server.shutdown_delay = Duration::ZERO;
+        c.store.connect_timeout = Duration::from_secs(1);
         c.tokens.secret = Secret::from(SECRET.as_bytes().to_vec());
         c.passwords.memory_kib = 64;
         c.passwords.iterations = 1;
@@ -912,12 +913,18 @@ impl GatewayOpts {
             StoreUrl::Redis(url) => url.clone(),
             // Each node carries its own credentials, so this reads back as the same nodes.
             StoreUrl::Cluster(nodes) => {
+                let tls = c.store.url.is_tls();
                 let hosts: Vec<&str> = nodes
                     .iter()
-                    .map(|n| n.trim_start_matches("redis://"))
+                    .map(|n| n.split_once("://").map_or(n.as_str(), |(_, rest)| rest))
                     .collect();
-                format!("redis+cluster://{}", hosts.join(","))
+                let scheme = if tls { "rediss" } else { "redis" };
+                format!("{scheme}+cluster://{}", hosts.join(","))
             }
+        };
+        let ca_file = match &c.store.ca_file {
+            Some(file) => format!("ca_file = {}\n", path(file)),
+            None => String::new(),
         };
         let mut out = format!(
             "[server]\nlisten = {}\ntrusted_proxies = {}\nheader_read_timeout = {}\n\
@@ -925,7 +932,7 @@ impl GatewayOpts {
              max_target_bytes = {}\nmax_auth_body_bytes = {}\nupgrade_recheck = {}\n\
              upgrade_protocols = {}\nbody_read_timeout = {}\nbody_idle_timeout = {}\n\
              h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
-             [store]\nurl = {}\nprefix = {}\ntimeout = {}\n\n\
+             [store]\nurl = {}\nprefix = {}\ntimeout = {}\nconnect_timeout = {}\n{ca_file}\n\
              {tokens}\n\
              [identity]\nuser_header = {}\nprefix = {}\n{identity_claims}\n\
              [registration]\nenabled = {}\ndefault_roles = {}\n\n\
@@ -953,6 +960,7 @@ impl GatewayOpts {
             q(&store_url),
             q(&c.store.prefix),
             ms(c.store.timeout),
+            ms(c.store.connect_timeout),
             q(c.identity.user_header.as_str()),
             q(&c.identity.prefix),
             c.registration.enabled,
