@@ -6,7 +6,8 @@
 //!   lets go, so an upgraded tunnel (which outlives hyper's connection future) keeps counting;
 //! - the task tracker the server drains at shutdown, which tunnels join too;
 //! - a count of open streams, which bounds how long a connection with none may stay open
-//!   (`server.h2_idle_timeout`).
+//!   (`server.h2_idle_timeout`);
+//! - whether it came in over TLS, which the proxy tells upstreams (`X-Forwarded-Proto`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,18 +31,27 @@ pub struct Connection {
     /// When the last stream ended (ms after `opened`); the idle clock starts there.
     idle_since_ms: AtomicU64,
     opened: Instant,
+    /// Whether the client connected with TLS (`[server.tls]`).
+    tls: bool,
 }
 
 impl Connection {
-    /// A connection holding `slot`, whose tunnels join `tracker`.
-    pub fn new(slot: OwnedSemaphorePermit, tracker: TaskTracker) -> Connection {
+    /// A connection holding `slot`, whose tunnels join `tracker`; `tls` when the client
+    /// completed a TLS handshake on it.
+    pub fn new(slot: OwnedSemaphorePermit, tracker: TaskTracker, tls: bool) -> Connection {
         Connection {
             _slot: slot,
             tracker,
             open_streams: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            tls,
         }
+    }
+
+    /// Whether the client reached keycard over TLS: the scheme upstreams are told.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Runs an upgraded connection's tunnel on the server's tracker, holding this connection

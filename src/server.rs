@@ -12,6 +12,12 @@
 //! reloader. Measured with `scripts/bench.sh`, this served about a quarter more requests per
 //! CPU than tokio's work-stealing scheduler: no cross-thread wake-ups or task stealing on the
 //! request path.
+//!
+//! With `[server.tls]` the public listener speaks TLS only: each accepted connection's
+//! handshake runs on its own task, bounded by `server.header_read_timeout`, and offers ALPN
+//! `h2` and `http/1.1`; the connection is then served as the protocol agreed (either, when the
+//! client named none). The certificate is taken from the policy in force at each handshake,
+//! so a reload changes it for new connections only.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +36,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
@@ -68,6 +76,33 @@ pub enum RunError {
     /// The password hasher could not be built (bad argon2 parameters).
     #[error("passwords: {0}")]
     Passwords(#[from] crate::auth::password::PasswordError),
+    /// `[server.tls]` is set but its certificate was never loaded (a config built in code
+    /// without [`crate::config::TlsConfig::load`]).
+    #[error("server.tls: the certificate and key were not loaded")]
+    TlsNotLoaded,
+}
+
+/// Hands each TLS handshake the certificate of the policy in force, so that a reload
+/// reaches the next connection.
+struct PolicyCert(Arc<Gateway>);
+
+impl std::fmt::Debug for PolicyCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyCert")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for PolicyCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0
+            .policy()
+            .server_cert
+            .as_ref()
+            .map(crate::tls::ServerCert::certified_key)
+    }
 }
 
 /// Runs the gateway until `shutdown` resolves, then stops accepting, lets in-flight requests
@@ -101,6 +136,11 @@ pub async fn run_with_reload(
     };
     let routes = config.routes.len();
     let workers = config.server.workers;
+    let tls = match &config.server.tls {
+        Some(tls) if tls.cert.is_none() => return Err(RunError::TlsNotLoaded),
+        Some(_) => true,
+        None => false,
+    };
     metrics.set_workers(workers);
     let gateway = Arc::new(Gateway::new(
         Policy::compile(config, None),
@@ -121,9 +161,15 @@ pub async fn run_with_reload(
         ));
     }
 
+    let acceptor = tls.then(|| {
+        let certs = Arc::new(PolicyCert(Arc::clone(&gateway)));
+        TlsAcceptor::from(Arc::new(crate::tls::server_config(certs)))
+    });
+
     tracing::info!(
         listen = %local(&listeners.server),
         admin = %local(&listeners.admin),
+        tls,
         routes,
         "keycard started"
     );
@@ -133,6 +179,7 @@ pub async fn run_with_reload(
     // share one count.
     let admin = tokio::spawn(serve(
         listeners.admin,
+        None,
         limits.clone(),
         Arc::new(Semaphore::new(limits.max_connections)),
         stop_rx.clone(),
@@ -151,6 +198,7 @@ pub async fn run_with_reload(
         match event_loop(
             n,
             &listeners.server,
+            acceptor.clone(),
             limits.clone(),
             Arc::clone(&slots),
             stop_rx.clone(),
@@ -160,7 +208,7 @@ pub async fn run_with_reload(
             Err(error) => tracing::error!(%error, "cannot start worker {n}; serving with fewer"),
         }
     }
-    serve(listeners.server, limits, slots, stop_rx, handler).await;
+    serve(listeners.server, acceptor, limits, slots, stop_rx, handler).await;
     for done in loops {
         let _ = done.await;
     }
@@ -174,6 +222,7 @@ pub async fn run_with_reload(
 fn event_loop<F, Fut>(
     n: usize,
     first: &TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -193,7 +242,7 @@ where
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, limits, slots, stop, handler).await,
+                    Ok(listener) => serve(listener, tls, limits, slots, stop, handler).await,
                     Err(error) => tracing::error!(%error, "worker {n} cannot listen"),
                 }
             });
@@ -256,8 +305,8 @@ struct Limits {
     h2_idle_timeout: Duration,
 }
 
-/// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c),
-/// then drains. An accept error (out of file descriptors, say) is logged and retried after a
+/// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c,
+/// or over TLS when `tls` is given: see [`accept_tls`]), then drains. An accept error (out of file descriptors, say) is logged and retried after a
 /// pause: it must never end the loop.
 ///
 /// Every connection, and every tunnel one becomes, runs on one [`TaskTracker`] and holds its
@@ -268,6 +317,7 @@ struct Limits {
 /// same way; HTTP/2 keep-alive pings every half of it find peers that vanished mid-stream.
 async fn serve<F, Fut>(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
@@ -289,7 +339,11 @@ async fn serve<F, Fut>(
         .keep_alive_interval(ping_every)
         .keep_alive_timeout(ping_every.min(Duration::from_secs(20)))
         .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders {
+        h1: builder.clone().http1_only(),
+        h2: builder.clone().http2_only(),
+        any: builder,
+    });
     let tracker = TaskTracker::new();
     let mut last_accept_error = None;
     let mut failed_accepts = 0u64;
@@ -323,27 +377,44 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let io = FirstHead::new(stream, limits.header_read_timeout);
-        let connection = Arc::new(Connection::new(slot, tracker.clone()));
-        let per_request = Arc::clone(&connection);
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            let stream = per_request.open_stream();
-            request.extensions_mut().insert(Arc::clone(&per_request));
-            let handler = handler.clone();
-            async move {
-                let response = handler(request, peer).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    inner: body,
-                    _stream: stream,
-                }))
-            }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
+        let builders = Arc::clone(&builders);
+        let tls = tls.clone();
+        let conn_tracker = tracker.clone();
         let mut stop = stop.clone();
-        let idle_limit = limits.h2_idle_timeout;
+        let (head_limit, idle_limit) = (limits.header_read_timeout, limits.h2_idle_timeout);
         tracker.spawn(async move {
+            let secure = tls.is_some();
+            let (io, alpn) = match tls {
+                None => (Either::Left(stream), None),
+                Some(acceptor) => {
+                    let Some(stream) = accept_tls(&acceptor, stream, peer, head_limit, &mut stop).await else {
+                        return;
+                    };
+                    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    (Either::Right(stream), alpn)
+                }
+            };
+            let builder = match alpn.as_deref() {
+                Some(b"h2") => &builders.h2,
+                Some(b"http/1.1") => &builders.h1,
+                _ => &builders.any,
+            };
+            let io = FirstHead::new(io, head_limit);
+            let connection = Arc::new(Connection::new(slot, conn_tracker, secure));
+            let per_request = Arc::clone(&connection);
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let stream = per_request.open_stream();
+                request.extensions_mut().insert(Arc::clone(&per_request));
+                let handler = handler.clone();
+                async move {
+                    let response = handler(request, peer).await;
+                    Ok::<_, Infallible>(response.map(|body| Tracked {
+                        inner: body,
+                        _stream: stream,
+                    }))
+                }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             let mut closing = false;
             loop {
@@ -385,6 +456,40 @@ async fn serve<F, Fut>(
             timeout = ?limits.shutdown_timeout,
             "drain timed out; closing remaining connections"
         );
+    }
+}
+
+/// One auto-detecting connection builder, and the same limited to the protocol ALPN agreed.
+struct Builders {
+    any: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+/// The TLS handshake of one accepted connection, within `limit` (`header_read_timeout`: a
+/// client that connects and sends nothing, or stalls half-way, gives its slot back then) and
+/// abandoned at shutdown. A failure is the client's business: logged at debug, the socket
+/// closed, nothing served.
+async fn accept_tls(
+    acceptor: &TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    tokio::select! {
+        done = tokio::time::timeout(limit, acceptor.accept(stream)) => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake not done within header_read_timeout");
+                None
+            }
+        },
+        _ = stopped(stop) => None,
     }
 }
 
