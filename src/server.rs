@@ -15,8 +15,10 @@
 //!
 //! With `[server.tls]` the public listener speaks TLS only: each accepted connection's
 //! handshake runs on its own task, bounded by `server.header_read_timeout`, and offers ALPN
-//! `h2` and `http/1.1`; the connection is then served as the protocol agreed (either, when the
-//! client named none). The certificate is taken from the policy in force at each handshake,
+//! `h2` and `http/1.1`. What follows is served like a plain connection: HTTP/2 when it opens
+//! with the HTTP/2 preface (as a client that agreed on `h2` does), else HTTP/1.1. (hyper-util
+//! serves a connection with upgrades only by detecting the protocol; WebSocket needs them.)
+//! The certificate is taken from the policy in force at each handshake,
 //! so a reload changes it for new connections only.
 
 use std::convert::Infallible;
@@ -339,11 +341,7 @@ async fn serve<F, Fut>(
         .keep_alive_interval(ping_every)
         .keep_alive_timeout(ping_every.min(Duration::from_secs(20)))
         .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
-    let builders = Arc::new(Builders {
-        h1: builder.clone().http1_only(),
-        h2: builder.clone().http2_only(),
-        any: builder,
-    });
+    let builder = Arc::new(builder);
     let tracker = TaskTracker::new();
     let mut last_accept_error = None;
     let mut failed_accepts = 0u64;
@@ -377,27 +375,21 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let builders = Arc::clone(&builders);
+        let builder = Arc::clone(&builder);
         let tls = tls.clone();
         let conn_tracker = tracker.clone();
         let mut stop = stop.clone();
         let (head_limit, idle_limit) = (limits.header_read_timeout, limits.h2_idle_timeout);
         tracker.spawn(async move {
             let secure = tls.is_some();
-            let (io, alpn) = match tls {
-                None => (Either::Left(stream), None),
+            let io = match tls {
+                None => Either::Left(stream),
                 Some(acceptor) => {
                     let Some(stream) = accept_tls(&acceptor, stream, peer, head_limit, &mut stop).await else {
                         return;
                     };
-                    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-                    (Either::Right(stream), alpn)
+                    Either::Right(stream)
                 }
-            };
-            let builder = match alpn.as_deref() {
-                Some(b"h2") => &builders.h2,
-                Some(b"http/1.1") => &builders.h1,
-                _ => &builders.any,
             };
             let io = FirstHead::new(io, head_limit);
             let connection = Arc::new(Connection::new(slot, conn_tracker, secure));
@@ -457,13 +449,6 @@ async fn serve<F, Fut>(
             "drain timed out; closing remaining connections"
         );
     }
-}
-
-/// One auto-detecting connection builder, and the same limited to the protocol ALPN agreed.
-struct Builders {
-    any: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
 }
 
 /// The TLS handshake of one accepted connection, within `limit` (`header_read_timeout`: a
