@@ -2830,7 +2830,7 @@ algorithm = "PS256"
 secret = "${NOT_SET}"
 [[routes]]
 path = "/api/"
-upstream = "https://x"
+upstream = "ftp://x"
 unknown = true
 "#;
         let errs = errors(text);
