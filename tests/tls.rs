@@ -402,6 +402,19 @@ async fn a_client_stalling_in_the_handshake_is_cut_within_header_read_timeout() 
     let (_, took) = read_to_close(&mut half, Duration::from_secs(5)).await;
     assert!(took < Duration::from_secs(3), "cut after {took:?}");
 
+    // A finished handshake, then no request: the header deadline cuts it as on plain HTTP.
+    let mut quiet = tls_connect(gw.addr, &ca, &[b"http/1.1"]).await.unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "still open after 5 s");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        start.elapsed()
+    );
+    assert!(!got.starts_with(b"HTTP/1.1 2"), "{got:?}");
+
     // The slot is free again: a real client gets in and is served.
     let resp = https_client(&ca, true)
         .get(https(&gw, "/public/x"))
