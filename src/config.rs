@@ -125,6 +125,65 @@ pub struct ServerConfig {
     /// GOAWAY; keep-alive pings every half of it find dead peers.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub h2_idle_timeout: Duration,
+    /// `[server.tls]`: when present, the public listener speaks only TLS. Whether it is
+    /// present needs a restart; its files are reloaded.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the public listener's certificate. Both keys are required.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `server.tls.cert_file`: the certificate chain in PEM, leaf first.
+    pub cert_file: PathBuf,
+    /// `server.tls.key_file`: its private key in PEM (PKCS#8, RSA or SEC1).
+    pub key_file: PathBuf,
+    /// After validation: both files, parsed and checked to belong together.
+    #[serde(skip)]
+    pub cert: Option<crate::tls::ServerCert>,
+}
+
+impl TlsConfig {
+    /// Reads and checks `cert_file` and `key_file` (configs built in code; a file's are
+    /// checked by [`Config::parse`]). The error names the key at fault.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<TlsConfig, ConfigError> {
+        let mut tls = TlsConfig {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            cert: None,
+        };
+        tls.cert = Some(tls.read().map_err(|(key, message)| ConfigError {
+            key: key.to_owned(),
+            position: None,
+            message,
+        })?);
+        Ok(tls)
+    }
+
+    /// Both files, parsed: or the key at fault and what is wrong.
+    fn read(&self) -> Result<crate::tls::ServerCert, (&'static str, String)> {
+        const CERT: &str = "server.tls.cert_file";
+        const KEY: &str = "server.tls.key_file";
+        let cert = read_small_file(&self.cert_file, MAX_PEM_FILE_BYTES).map_err(|e| {
+            (
+                CERT,
+                format!("cannot read {}: {e}", self.cert_file.display()),
+            )
+        })?;
+        let key = read_small_file(&self.key_file, MAX_SECRET_FILE_BYTES)
+            .map(Secret::from)
+            .map_err(|e| (KEY, format!("cannot read {}: {e}", self.key_file.display())))?;
+        crate::tls::ServerCert::from_pem(&cert, key.expose_secret()).map_err(|(file, message)| {
+            match file {
+                crate::tls::TlsFile::Cert => {
+                    (CERT, format!("{}: {message}", self.cert_file.display()))
+                }
+                crate::tls::TlsFile::Key => {
+                    (KEY, format!("{}: {message}", self.key_file.display()))
+                }
+            }
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -145,6 +204,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
             h2_idle_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -571,6 +631,26 @@ pub struct RouteConfig {
     /// `timeout`: until the upstream's response headers arrive.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub timeout: Duration,
+    /// `ca_file`: for an `https://` upstream, the PEM file of the only CAs its certificate
+    /// may chain to (default: the Mozilla roots compiled in).
+    pub ca_file: Option<PathBuf>,
+    /// After validation: the certificates of `ca_file`.
+    #[serde(skip)]
+    pub ca: Option<crate::tls::UpstreamCa>,
+}
+
+impl RouteConfig {
+    /// Reads `path` as this route's `ca_file` (configs built in code; a file's is read by
+    /// [`Config::parse`]).
+    pub fn with_ca_file(mut self, path: &Path) -> Result<RouteConfig, String> {
+        let pem = read_small_file(path, MAX_PEM_FILE_BYTES)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let ca = crate::tls::UpstreamCa::from_pem(&pem)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        self.ca_file = Some(path.to_path_buf());
+        self.ca = Some(ca);
+        Ok(self)
+    }
 }
 
 impl Default for RouteConfig {
@@ -588,14 +668,16 @@ impl Default for RouteConfig {
             forward_token: false,
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(60),
+            ca_file: None,
+            ca: None,
         }
     }
 }
 
-/// A parsed `http://host:port[/base]` upstream.
+/// A parsed `http://host:port[/base]` or `https://host:port[/base]` upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http` (TLS upstreams are not supported yet).
+    /// `http` or `https` (then verified: see `ca_file`).
     pub scheme: http::uri::Scheme,
     /// `host:port`.
     pub authority: http::uri::Authority,
@@ -727,11 +809,12 @@ impl Config {
                     .to_owned(),
             );
         }
-        if self.server.trusted_proxies.is_empty() {
+        if self.server.tls.is_none() && self.server.trusted_proxies.is_empty() {
             warnings.push(
-                "server.trusted_proxies is empty and keycard does not terminate TLS: unless \
-                 keycard only listens on a private network, put a TLS-terminating proxy in \
-                 front and list it there"
+                "no TLS and no trusted proxy in front: [server.tls] is absent and \
+                 server.trusted_proxies is empty, so tokens and passwords cross the network in \
+                 clear unless keycard only listens on a private network; set [server.tls], or \
+                 put a TLS-terminating proxy in front and list it in server.trusted_proxies"
                     .to_owned(),
             );
         }
@@ -757,8 +840,13 @@ impl Config {
             StoreUrl::Cluster(_) => "redis cluster",
         };
         let plural = if self.routes.len() == 1 { "" } else { "s" };
+        let tls = if self.server.tls.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        };
         let mut out = format!(
-            "listen {}, admin {}, store {store}, {} route{plural}\n",
+            "listen {}{tls}, admin {}, store {store}, {} route{plural}\n",
             self.server.listen,
             self.admin.listen,
             self.routes.len(),
@@ -770,6 +858,7 @@ impl Config {
             let flags = [
                 ("strip_prefix", r.strip_prefix),
                 ("forward_token", r.forward_token),
+                ("ca_file", r.ca_file.is_some()),
             ]
             .iter()
             .filter(|(_, on)| *on)
@@ -917,6 +1006,10 @@ impl Reader<'_> {
             self.error_key("admin.listen", message);
         }
         self.keys(&mut c.tokens);
+        self.tls(&mut c.server);
+        for (i, route) in c.routes.iter_mut().enumerate() {
+            self.route_ca(i, route);
+        }
         let passwords = &c.passwords;
         if u64::from(passwords.memory_kib) < 8 * u64::from(passwords.parallelism) {
             let least = 8 * u64::from(passwords.parallelism);
@@ -1112,6 +1205,44 @@ impl Reader<'_> {
                     None
                 }
             },
+        }
+    }
+
+    /// `[server.tls]`: both files present, readable, and a certificate with its key.
+    fn tls(&mut self, server: &mut ServerConfig) {
+        let Some(tls) = &mut server.tls else {
+            return;
+        };
+        self.require("server.tls", &["cert_file", "key_file"]);
+        let keys = ["server.tls", "server.tls.cert_file", "server.tls.key_file"];
+        if keys.iter().any(|k| self.has_error(k)) {
+            return;
+        }
+        match tls.read() {
+            Ok(cert) => tls.cert = Some(cert),
+            Err((key, message)) => self.error_key(key, message),
+        }
+    }
+
+    /// A route's `ca_file`: only with an `https://` upstream, and a PEM file of CAs.
+    fn route_ca(&mut self, i: usize, route: &mut RouteConfig) {
+        let key = format!("routes[{i}].ca_file");
+        let Some(path) = route.ca_file.clone() else {
+            return;
+        };
+        if self.has_error(&key) || self.has_error(&format!("routes[{i}].upstream")) {
+            return;
+        }
+        if route.upstream.scheme != http::uri::Scheme::HTTPS {
+            let message = format!(
+                "only for an https:// upstream (routes[{i}].upstream is {})",
+                route.upstream
+            );
+            return self.error_key(&key, message);
+        }
+        match route.clone().with_ca_file(&path) {
+            Ok(with_ca) => route.ca = with_ca.ca,
+            Err(message) => self.error_key(&key, message),
         }
     }
 
@@ -1386,8 +1517,10 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// The largest config file keycard reads.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// The largest `secret_file` keycard reads.
+/// The largest `secret_file` (or TLS key file) keycard reads.
 const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+/// The largest certificate file keycard reads (a CA bundle can be a few hundred KiB).
+const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
 
 /// Reads a regular file of at most `max` bytes. Anything else is refused: a FIFO would block
 /// (at startup, or a reloader for ever), `/dev/zero` would never end, a huge file would fill
@@ -1958,26 +2091,22 @@ fn route_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
-/// `http://host[:port][/base]`. The port defaults to 80 and is always written into the
+/// `http://host[:port][/base]` or `https://…`. The port defaults to 80 (443) and is always written into the
 /// authority, so consumers can rely on `authority.port_u16()` being `Some`.
 impl Parse for Upstream {
     fn parse(s: &str) -> Result<Self, String> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
             format!("upstream {s:?} must be an absolute URL such as \"http://127.0.0.1:3000\"")
         })?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "http" => {}
-            "https" => {
-                return Err(format!(
-                    "upstream {s:?}: https upstreams are not supported yet; use http://"
-                ));
-            }
+        let (scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
+            "http" => (http::uri::Scheme::HTTP, 80),
+            "https" => (http::uri::Scheme::HTTPS, 443),
             other => {
                 return Err(format!(
-                    "upstream {s:?}: scheme {other:?} is not supported; use http://"
+                    "upstream {s:?}: scheme {other:?} is not supported; use http:// or https://"
                 ));
             }
-        }
+        };
         if rest
             .split(['/', '?', '#'])
             .next()
@@ -2006,7 +2135,7 @@ impl Parse for Upstream {
         }
         let authority = match uri.port_u16() {
             Some(_) => uri.authority().cloned(),
-            None => format!("{host}:80").parse().ok(),
+            None => format!("{host}:{default_port}").parse().ok(),
         }
         .ok_or_else(|| format!("invalid upstream authority in {s:?}"))?;
         let base_path = uri.path().trim_end_matches('/');
@@ -2014,7 +2143,7 @@ impl Parse for Upstream {
             check_path(base_path).map_err(|e| format!("upstream base {e}"))?;
         }
         Ok(Upstream {
-            scheme: http::uri::Scheme::HTTP,
+            scheme,
             authority,
             base_path: base_path.to_owned(),
         })
@@ -2401,7 +2530,6 @@ timeout = "2m"
     #[test]
     fn bad_upstreams() {
         for (value, needle) in [
-            ("https://h:1", "https upstreams are not supported"),
             ("ftp://h:1", "not supported"),
             ("127.0.0.1:3000", "absolute URL"),
             ("http://u:p@h:1", "user info"),
@@ -2421,6 +2549,58 @@ timeout = "2m"
             assert!(e.message.contains(needle), "{value}: {e}");
             assert_eq!(e.position, Some((12, 12)), "{value}");
         }
+    }
+
+    #[test]
+    fn https_upstreams_default_to_443_and_ca_file_needs_one() {
+        let text = minimal_with(
+            "upstream = \"http://127.0.0.1:3000\"",
+            "upstream = \"https://api.internal/v1\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.routes[0].upstream.scheme, http::uri::Scheme::HTTPS);
+        assert_eq!(c.routes[0].upstream.authority.as_str(), "api.internal:443");
+        assert_eq!(
+            c.routes[0].upstream.to_string(),
+            "https://api.internal:443/v1"
+        );
+        assert!(c.routes[0].ca.is_none());
+
+        let text = minimal_with(
+            "upstream = \"http://127.0.0.1:3000\"",
+            "upstream = \"http://127.0.0.1:3000\"\nca_file = \"/nonexistent.pem\"",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "routes[0].ca_file");
+        assert!(e.message.contains("only for an https:// upstream"), "{e}");
+
+        let text = minimal_with(
+            "upstream = \"http://127.0.0.1:3000\"",
+            "upstream = \"https://127.0.0.1:3000\"\nca_file = \"/nonexistent.pem\"",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "routes[0].ca_file");
+        assert!(e.message.contains("cannot read /nonexistent.pem"), "{e}");
+    }
+
+    #[test]
+    fn server_tls_needs_both_files() {
+        let text = minimal_with(
+            "[admin]",
+            "[server.tls]\ncert_file = \"/nonexistent.crt\"\n[admin]",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "server.tls.key_file");
+        assert!(e.message.contains("missing required key"), "{e}");
+
+        let text = minimal_with(
+            "[admin]",
+            "[server.tls]\ncert_file = \"/nonexistent.crt\"\nkey_file = \"/nonexistent.key\"\n[admin]",
+        );
+        let e = one_error(&text);
+        assert_eq!(e.key, "server.tls.cert_file");
+        assert!(e.message.contains("cannot read /nonexistent.crt"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(5), "{e}");
     }
 
     #[test]
@@ -2872,7 +3052,7 @@ algorithm = "PS256"
 secret = "${NOT_SET}"
 [[routes]]
 path = "/api/"
-upstream = "https://x"
+upstream = "ftp://x"
 unknown = true
 "#;
         let errs = errors(text);

@@ -10,6 +10,7 @@
 //! - its listener's gauges: it counts itself in `keycard_open_connections` (as `http1` until a
 //!   request says HTTP/2, as `upgraded` once it becomes a tunnel) and each request in
 //!   `keycard_requests_in_flight`, and takes itself off both when dropped, however it ends.
+//! - whether it came in over TLS, which the proxy tells upstreams (`X-Forwarded-Proto`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,15 +40,19 @@ pub struct Connection {
     gauges: Arc<ListenerMetrics>,
     /// What it is counted as in `keycard_open_connections`: a [`ConnKind`] as `u8`.
     kind: AtomicU8,
+    /// Whether the client connected with TLS (`[server.tls]`).
+    tls: bool,
 }
 
 impl Connection {
     /// A connection holding `slot`, whose tunnels join `tracker`, counted in `gauges` (as
-    /// `http1` until a request says otherwise).
+    /// `http1` until a request says otherwise); `tls` when the client completed a TLS
+    /// handshake on it.
     pub fn new(
         slot: OwnedSemaphorePermit,
         tracker: TaskTracker,
         gauges: Arc<ListenerMetrics>,
+        tls: bool,
     ) -> Connection {
         gauges.open(ConnKind::Http1).inc();
         Connection {
@@ -58,6 +63,7 @@ impl Connection {
             opened: Instant::now(),
             gauges,
             kind: AtomicU8::new(ConnKind::Http1 as u8),
+            tls,
         }
     }
 
@@ -68,6 +74,11 @@ impl Connection {
             self.gauges.open(kind).inc();
             self.gauges.open(kind_of(was)).dec();
         }
+    }
+
+    /// Whether the client reached keycard over TLS: the scheme upstreams are told.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Runs an upgraded connection's tunnel on the server's tracker, holding this connection

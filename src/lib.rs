@@ -26,6 +26,7 @@
 //! - [`routes`]: path canonicalisation and route matching. Pure.
 //! - [`auth`]: tokens, password hashing, the store and the auth endpoints.
 //! - [`proxy`]: header rules and the streaming upstream client.
+//! - [`tls`]: the listener's certificate, upstream CAs, and the rustls configurations.
 //! - [`dev`]: the `keycard dev` playground.
 
 #![warn(missing_docs)]
@@ -46,6 +47,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod users;
 
 pub use server::{Listeners, run, run_with_reload};

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Version, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -33,8 +34,9 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Cap on idle connections kept per upstream host.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
-/// A pooled HTTP/1.1 client for upstreams; cheap to clone (the pool is shared).
-pub type UpstreamClient = Client<HttpConnector, ClientBody>;
+/// A pooled HTTP/1.1 client for upstreams, `http://` or verified `https://`; cheap to clone
+/// (the pool is shared).
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ClientBody>;
 
 /// The compiled policy: one value, swapped whole.
 #[derive(Debug)]
@@ -51,6 +53,8 @@ pub struct Policy {
     pub identity: IdentityHeaders,
     /// `server.trusted_proxies`.
     pub trusted_proxies: Vec<IpNet>,
+    /// `[server.tls]`'s certificate and key: what the next TLS handshake presents.
+    pub server_cert: Option<crate::tls::ServerCert>,
     /// `[throttle]`.
     pub throttle: ThrottleConfig,
     /// `server.*` limits read per request.
@@ -88,7 +92,7 @@ pub struct Route {
     /// Who may pass.
     pub policy: AuthMode,
     /// The pooled client for this route's upstream; routes with the same connect timeout
-    /// share one (and so one pool).
+    /// and `ca_file` certificates share one (and so one pool).
     pub client: UpstreamClient,
     /// The metrics and access-log label: the route's path.
     pub label: Arc<str>,
@@ -105,15 +109,19 @@ impl AsRef<RouteConfig> for Route {
 
 impl Policy {
     /// Compiles `config`. Upstream clients are taken over from `previous` where the connect
-    /// timeout is the same, so a reload keeps warm connection pools. Cheap: no hashing, no
-    /// I/O (keys are built from the already-read secret).
+    /// timeout and the trusted CAs are the same, so a reload keeps warm connection pools (and
+    /// a changed `ca_file` gets a new client, never a pool of connections verified against
+    /// the old CA). Cheap: no hashing, no I/O (keys and certificates were read with the
+    /// config).
     pub fn compile(config: Config, previous: Option<&Policy>) -> Policy {
-        let mut clients: Vec<(Duration, UpstreamClient)> = previous
+        type Key = (Duration, Option<crate::tls::UpstreamCa>);
+        let key = |r: &RouteConfig| -> Key { (r.connect_timeout, r.ca.clone()) };
+        let mut clients: Vec<(Key, UpstreamClient)> = previous
             .map(|p| {
                 p.routes
                     .routes()
                     .iter()
-                    .map(|r| (r.config.connect_timeout, r.client.clone()))
+                    .map(|r| (key(&r.config), r.client.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -121,11 +129,12 @@ impl Policy {
             .routes
             .iter()
             .map(|route| {
-                let client = match clients.iter().find(|(t, _)| *t == route.connect_timeout) {
+                let wanted = key(route);
+                let client = match clients.iter().find(|(k, _)| *k == wanted) {
                     Some((_, client)) => client.clone(),
                     None => {
-                        let client = upstream_client(route.connect_timeout);
-                        clients.push((route.connect_timeout, client.clone()));
+                        let client = upstream_client(route.connect_timeout, route.ca.as_ref());
+                        clients.push((wanted, client.clone()));
                         client
                     }
                 };
@@ -145,6 +154,7 @@ impl Policy {
             issuers: crate::auth::issuers::Issuers::new(&config.issuers),
             identity: IdentityHeaders::new(&config.identity),
             trusted_proxies: server.trusted_proxies.clone(),
+            server_cert: server.tls.as_ref().and_then(|tls| tls.cert.clone()),
             throttle: config.throttle.clone(),
             limits: Limits {
                 max_target: server.max_target_bytes,
@@ -208,11 +218,23 @@ impl Policy {
     }
 }
 
-/// A pooled client whose connects time out after `connect_timeout`.
-fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
+/// A pooled client whose connects time out after `connect_timeout` (the TCP connect; the TLS
+/// handshake is under the route's `timeout`). `https://` upstreams are verified against `ca`
+/// alone when given, else the Mozilla roots, with the upstream's host as the name.
+fn upstream_client(
+    connect_timeout: Duration,
+    ca: Option<&crate::tls::UpstreamCa>,
+) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    // The URI's scheme decides: HttpsConnector hands http:// through untouched.
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::tls::client_config(ca))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)

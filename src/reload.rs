@@ -9,6 +9,12 @@
 //! only a restart can change (listen addresses, the store, the password hasher, the
 //! listener's own limits) are logged as "needs a restart" and keep their running values,
 //! while the rest of the reload applies.
+//!
+//! The files the config names for TLS (`server.tls.cert_file`, `server.tls.key_file` and the
+//! routes' `ca_file`) are watched the same way: a certificate renewed in place, or a
+//! Kubernetes Secret whose mount swaps its `..data` symlink, reloads the config without the
+//! config file changing. Other files it names (`secret_file`, key files) are read again on
+//! any reload, but a change to them alone triggers none: send SIGHUP.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,18 +77,48 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
     })
 }
 
-/// Watches `source` and reloads `gateway` until `stop` turns true.
+/// The files besides the config file whose change reloads it: the TLS certificate and key
+/// and the routes' CA files the running config names.
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(tls) = &config.server.tls {
+        files.push(tls.cert_file.clone());
+        files.push(tls.key_file.clone());
+    }
+    files.extend(config.routes.iter().filter_map(|r| r.ca_file.clone()));
+    files
+}
+
+/// The config file's fingerprint and those of the [`watched_files`]. A missing watched file
+/// is a change like any other (the reload then says what is wrong); only a missing config
+/// file is waited out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    config: Option<Fingerprint>,
+    files: Vec<Option<Fingerprint>>,
+}
+
+fn state(path: &std::path::Path, files: &[PathBuf]) -> State {
+    State {
+        config: fingerprint(path),
+        files: files.iter().map(|f| fingerprint(f)).collect(),
+    }
+}
+
+/// Watches `source` (and the TLS files the running config names) and reloads `gateway`
+/// until `stop` turns true.
 pub(crate) async fn watch(
     mut source: ReloadSource,
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut seen = fingerprint(&source.path);
-    // A change is loaded once the file has stayed the same for a whole poll: a file rewritten
-    // in place, in pieces, is not read half-written (writing a new file and renaming it over
-    // the old one is still the safe way).
-    let mut settling: Option<Fingerprint> = None;
+    let mut files = watched_files(&gateway.policy().config);
+    let mut seen = state(&source.path, &files);
+    // A change is loaded once the files have stayed the same for a whole poll: a file
+    // rewritten in place, in pieces, is not read half-written (writing a new file and renaming
+    // it over the old one is still the safe way).
+    let mut settling: Option<State> = None;
     let mut ticks = tokio::time::interval(source.poll_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -97,28 +133,34 @@ pub(crate) async fn watch(
                 }
             },
             _ = ticks.tick() => {
-                let now = fingerprint(&source.path);
-                if now.is_none() && seen.is_some() {
+                let now = state(&source.path, &files);
+                if now.config.is_none() && seen.config.is_some() {
                     // Logged once; the running config stays, and the file is loaded when it
                     // comes back.
                     tracing::warn!(path = %source.path.display(), "config file is gone; keeping the running config");
-                    seen = None;
+                    seen.config = None;
                 }
-                if now.is_none() || now == seen {
+                if now.config.is_none() || now == seen {
                     settling = None;
                     continue;
                 }
-                if settling != now {
-                    settling = now;
+                if settling.as_ref() != Some(&now) {
+                    settling = Some(now);
                     continue;
                 }
-                "file changed"
+                if now.config == seen.config { "TLS file changed" } else { "file changed" }
             }
         };
         settling = None;
-        seen = fingerprint(&source.path);
+        seen = state(&source.path, &files);
         let ok = reload(&source, &gateway, why).await;
         metrics.config_reload(ok);
+        // The new config may name other files; a rejected one leaves the running list.
+        let now_watched = watched_files(&gateway.policy().config);
+        if now_watched != files {
+            files = now_watched;
+            seen = state(&source.path, &files);
+        }
     }
 }
 
@@ -178,5 +220,10 @@ fn keep_restart_keys(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("server.h2_idle_timeout", server.h2_idle_timeout);
     keep!("server.shutdown_timeout", server.shutdown_timeout);
     keep!("server.max_header_bytes", server.max_header_bytes);
+    // Whether the listener speaks TLS is fixed when it starts; its certificate is not.
+    if new.server.tls.is_some() != running.server.tls.is_some() {
+        changed.push("server.tls");
+        new.server.tls = running.server.tls.clone();
+    }
     changed
 }

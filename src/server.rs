@@ -12,6 +12,14 @@
 //! reloader. Measured with `scripts/bench.sh`, this served about a quarter more requests per
 //! CPU than tokio's work-stealing scheduler: no cross-thread wake-ups or task stealing on the
 //! request path.
+//!
+//! With `[server.tls]` the public listener speaks TLS only: each accepted connection's
+//! handshake runs on its own task, bounded by `server.header_read_timeout`, and offers ALPN
+//! `h2` and `http/1.1`. What follows is served like a plain connection: HTTP/2 when it opens
+//! with the HTTP/2 preface (as a client that agreed on `h2` does), else HTTP/1.1. (hyper-util
+//! serves a connection with upgrades only by detecting the protocol; WebSocket needs them.)
+//! The certificate is taken from the policy in force at each handshake,
+//! so a reload changes it for new connections only.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +38,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
@@ -68,6 +78,33 @@ pub enum RunError {
     /// The password hasher could not be built (bad argon2 parameters).
     #[error("passwords: {0}")]
     Passwords(#[from] crate::auth::password::PasswordError),
+    /// `[server.tls]` is set but its certificate was never loaded (a config built in code
+    /// without [`crate::config::TlsConfig::load`]).
+    #[error("server.tls: the certificate and key were not loaded")]
+    TlsNotLoaded,
+}
+
+/// Hands each TLS handshake the certificate of the policy in force, so that a reload
+/// reaches the next connection.
+struct PolicyCert(Arc<Gateway>);
+
+impl std::fmt::Debug for PolicyCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyCert")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for PolicyCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0
+            .policy()
+            .server_cert
+            .as_ref()
+            .map(crate::tls::ServerCert::certified_key)
+    }
 }
 
 /// Runs the gateway until `shutdown` resolves; then `/readyz` fails, serving goes on for
@@ -104,6 +141,11 @@ pub async fn run_with_reload(
     };
     let routes = config.routes.len();
     let workers = config.server.workers;
+    let tls = match &config.server.tls {
+        Some(tls) if tls.cert.is_none() => return Err(RunError::TlsNotLoaded),
+        Some(_) => true,
+        None => false,
+    };
     metrics.set_workers(workers);
     let gateway = Arc::new(Gateway::new(
         Policy::compile(config, None),
@@ -135,9 +177,15 @@ pub async fn run_with_reload(
         ));
     }
 
+    let acceptor = tls.then(|| {
+        let certs = Arc::new(PolicyCert(Arc::clone(&gateway)));
+        TlsAcceptor::from(Arc::new(crate::tls::server_config(certs)))
+    });
+
     tracing::info!(
         listen = %local(&listeners.server),
         admin = %local(&listeners.admin),
+        tls,
         routes,
         "keycard started"
     );
@@ -151,6 +199,7 @@ pub async fn run_with_reload(
     // share one count.
     let admin = tokio::spawn(serve(
         listeners.admin,
+        None,
         admin_limits,
         Arc::new(Semaphore::new(limits.max_connections)),
         stop_rx.clone(),
@@ -169,6 +218,7 @@ pub async fn run_with_reload(
         match event_loop(
             n,
             &listeners.server,
+            acceptor.clone(),
             limits.clone(),
             Arc::clone(&slots),
             stop_rx.clone(),
@@ -178,7 +228,7 @@ pub async fn run_with_reload(
             Err(error) => tracing::error!(%error, "cannot start worker {n}; serving with fewer"),
         }
     }
-    serve(listeners.server, limits, slots, stop_rx, handler).await;
+    serve(listeners.server, acceptor, limits, slots, stop_rx, handler).await;
     for done in loops {
         let _ = done.await;
     }
@@ -192,6 +242,7 @@ pub async fn run_with_reload(
 fn event_loop<F, Fut>(
     n: usize,
     first: &TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -211,7 +262,7 @@ where
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, limits, slots, stop, handler).await,
+                    Ok(listener) => serve(listener, tls, limits, slots, stop, handler).await,
                     Err(error) => tracing::error!(%error, "worker {n} cannot listen"),
                 }
             });
@@ -277,8 +328,8 @@ struct Limits {
     gauges: Arc<ListenerMetrics>,
 }
 
-/// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c),
-/// then drains. An accept error (out of file descriptors, say) is logged and retried after a
+/// Accepts connections until `stop` turns true, serving each with HTTP/1.1 or HTTP/2 (h2c,
+/// or over TLS when `tls` is given: see [`accept_tls`]), then drains. An accept error (out of file descriptors, say) is logged and retried after a
 /// pause: it must never end the loop.
 ///
 /// Every connection, and every tunnel one becomes, runs on one [`TaskTracker`] and holds its
@@ -289,6 +340,7 @@ struct Limits {
 /// same way; HTTP/2 keep-alive pings every half of it find peers that vanished mid-stream.
 async fn serve<F, Fut>(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
@@ -344,31 +396,39 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let io = FirstHead::new(stream, limits.header_read_timeout);
-        let connection = Arc::new(Connection::new(
-            slot,
-            tracker.clone(),
-            Arc::clone(&limits.gauges),
-        ));
-        let per_request = Arc::clone(&connection);
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            let stream = per_request.open_stream(request.version());
-            request.extensions_mut().insert(Arc::clone(&per_request));
-            let handler = handler.clone();
-            async move {
-                let response = handler(request, peer).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    inner: body,
-                    _stream: stream,
-                }))
-            }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
+        let builder = Arc::clone(&builder);
+        let tls = tls.clone();
+        let conn_tracker = tracker.clone();
+        let gauges = Arc::clone(&limits.gauges);
         let mut stop = stop.clone();
-        let idle_limit = limits.h2_idle_timeout;
+        let (head_limit, idle_limit) = (limits.header_read_timeout, limits.h2_idle_timeout);
         tracker.spawn(async move {
+            let secure = tls.is_some();
+            let io = match tls {
+                None => Either::Left(stream),
+                Some(acceptor) => {
+                    let Some(stream) = accept_tls(&acceptor, stream, peer, head_limit, &mut stop).await else {
+                        return;
+                    };
+                    Either::Right(stream)
+                }
+            };
+            let io = FirstHead::new(io, head_limit);
+            let connection = Arc::new(Connection::new(slot, conn_tracker, gauges, secure));
+            let per_request = Arc::clone(&connection);
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let stream = per_request.open_stream(request.version());
+                request.extensions_mut().insert(Arc::clone(&per_request));
+                let handler = handler.clone();
+                async move {
+                    let response = handler(request, peer).await;
+                    Ok::<_, Infallible>(response.map(|body| Tracked {
+                        inner: body,
+                        _stream: stream,
+                    }))
+                }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             let mut closing = false;
             loop {
@@ -410,6 +470,33 @@ async fn serve<F, Fut>(
             timeout = ?limits.shutdown_timeout,
             "drain timed out; closing remaining connections"
         );
+    }
+}
+
+/// The TLS handshake of one accepted connection, within `limit` (`header_read_timeout`: a
+/// client that connects and sends nothing, or stalls half-way, gives its slot back then) and
+/// abandoned at shutdown. A failure is the client's business: logged at debug, the socket
+/// closed, nothing served.
+async fn accept_tls(
+    acceptor: &TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    tokio::select! {
+        done = tokio::time::timeout(limit, acceptor.accept(stream)) => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake not done within header_read_timeout");
+                None
+            }
+        },
+        _ = stopped(stop) => None,
     }
 }
 

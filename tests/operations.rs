@@ -565,13 +565,22 @@ fn check_accepts_the_shipped_config_and_prints_routes() {
 #[test]
 fn check_warns_about_valid_but_risky_settings() {
     let dir = temp_dir();
-    // memory://, open registration, no trusted proxy, a 2 h access token: four warnings.
+    // memory://, open registration, no TLS and no trusted proxy, a 2 h access token: four
+    // warnings.
     let mut risky = GatewayOpts::new("memory://", "http://127.0.0.1:9");
     risky.tokens.access_ttl = Duration::from_secs(7200);
     // A redis store, registration off, a trusted proxy, 15 m: none.
     let mut careful = GatewayOpts::new("redis://127.0.0.1:6379/0", "http://127.0.0.1:9");
     careful.registration.enabled = false;
     careful.server.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    // keycard terminating TLS itself, with no proxy in front: nothing to warn about either.
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let mut tls = careful.clone();
+    tls.server.trusted_proxies.clear();
+    tls.server.tls = Some(keycard::config::TlsConfig::load(&cert, &key).unwrap());
     for (name, opts, expected) in [
         (
             "risky",
@@ -584,6 +593,7 @@ fn check_warns_about_valid_but_risky_settings() {
             ][..],
         ),
         ("careful", careful, &[][..]),
+        ("tls", tls, &[][..]),
     ] {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, opts.to_toml()).unwrap();

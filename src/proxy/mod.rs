@@ -82,7 +82,13 @@ impl Proxy {
         let upgrade = caller.upgrade.clone();
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let connection = request.extensions_mut().remove::<Arc<Connection>>();
-        prepare_headers(&mut request, route, policy, &caller)?;
+        // The scheme the client really used: TLS is known per connection, never read from
+        // the request.
+        let scheme = match connection.as_ref().is_some_and(|c| c.is_tls()) {
+            true => "https",
+            false => "http",
+        };
+        prepare_headers(&mut request, route, policy, &caller, scheme)?;
         if let Some(protocol) = &upgrade {
             restore_upgrade(request.headers_mut(), protocol.clone());
         }
@@ -259,12 +265,14 @@ fn keep_client_host<B>(request: &mut Request<B>) {
 
 /// Applies the header rules in the only safe order: hop-by-hop first (so a `Connection`
 /// header can name anything it likes), then identity strip, then forwarding headers, then
-/// the gateway's own identity, which nothing after it can remove.
+/// the gateway's own identity, which nothing after it can remove. `scheme` is the one the
+/// client connected with (`X-Forwarded-Proto`, unless a trusted proxy said otherwise).
 fn prepare_headers(
     request: &mut Request<Incoming>,
     route: &Route,
     policy: &Policy,
     caller: &Caller<'_>,
+    scheme: &str,
 ) -> Result<(), RequestError> {
     let headers = request.headers_mut();
     headers::remove_hop_by_hop(headers);
@@ -272,7 +280,7 @@ fn prepare_headers(
     if !route.config.forward_token {
         headers.remove(header::AUTHORIZATION);
     }
-    headers::set_forwarded(headers, caller.peer, caller.trusted, "http");
+    headers::set_forwarded(headers, caller.peer, caller.trusted, scheme);
     caller.identity.write_headers(&policy.identity, headers)
 }
 

@@ -978,6 +978,14 @@ impl GatewayOpts {
             th.address_limit,
             ms(th.address_window),
         );
+        if let Some(tls) = &s.tls {
+            // After [throttle]'s keys: a new table, so nothing above is taken into it.
+            out.push_str(&format!(
+                "\n[server.tls]\ncert_file = {}\nkey_file = {}\n",
+                path(&tls.cert_file),
+                path(&tls.key_file),
+            ));
+        }
         for i in &c.issuers {
             let algs: Vec<String> = i.algorithms.iter().map(|a| format!("{a:?}")).collect();
             out.push_str(&format!(
@@ -1007,6 +1015,9 @@ impl GatewayOpts {
                 ms(r.connect_timeout),
                 ms(r.timeout),
             ));
+            if let Some(file) = &r.ca_file {
+                out.push_str(&format!("ca_file = {}\n", path(file)));
+            }
         }
         out
     }
