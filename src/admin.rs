@@ -1,13 +1,15 @@
 //! Admin: the operator listener (`admin.listen`), apart from user traffic.
 //!
 //! `/healthz` says the process is alive (for restarts), `/readyz` says the store answers (for
-//! load balancers: a replica that cannot check revocations must not get traffic), and
-//! `/metrics` serves Prometheus text.
+//! load balancers: a replica that cannot check revocations must not get traffic) and that
+//! keycard is not shutting down (503 from SIGTERM on, so it is taken out of rotation during
+//! `server.shutdown_delay`), and `/metrics` serves Prometheus text.
 
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 
 use crate::auth::store::Store;
 use crate::body::{self, Body};
@@ -18,12 +20,18 @@ use crate::metrics::Metrics;
 pub struct Admin {
     store: Store,
     metrics: Arc<Metrics>,
+    /// True from the shutdown signal on.
+    draining: watch::Receiver<bool>,
 }
 
 impl Admin {
-    /// Shares the gateway's store and metrics.
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Admin {
-        Admin { store, metrics }
+    /// Shares the gateway's store and metrics; `draining` turns true when shutdown begins.
+    pub fn new(store: Store, metrics: Arc<Metrics>, draining: watch::Receiver<bool>) -> Admin {
+        Admin {
+            store,
+            metrics,
+            draining,
+        }
     }
 
     /// Answers one admin request.
@@ -37,6 +45,11 @@ impl Admin {
         }
         match request.uri().path() {
             "/healthz" => body::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            // Shutting down: out of rotation, whatever the store says.
+            "/readyz" if *self.draining.borrow() => body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "draining", "msg": "Shutting down"}),
+            ),
             "/readyz" => match self.store.ping().await {
                 Ok(()) => body::json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
                 Err(error) => {

@@ -76,6 +76,12 @@ pub struct ServerConfig {
     /// `server.header_read_timeout`: slowloris protection.
     #[serde(deserialize_with = "duration::<_, 1, NO_MAX>")]
     pub header_read_timeout: Duration,
+    /// `server.shutdown_delay`: after SIGTERM, how long `/readyz` answers 503 while the
+    /// listeners keep serving, before the drain starts. A load balancer (a Kubernetes
+    /// Service's endpoints) needs that long to stop sending new connections; closing at once
+    /// would refuse the requests already on their way.
+    #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
+    pub shutdown_delay: Duration,
     /// `server.shutdown_timeout`: how long in-flight requests may drain.
     #[serde(deserialize_with = "duration::<_, 0, NO_MAX>")]
     pub shutdown_timeout: Duration,
@@ -127,6 +133,7 @@ impl Default for ServerConfig {
             listen: LOOPBACK_ANY_PORT,
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_connections: 10_000,
@@ -2075,6 +2082,7 @@ upstream = "http://127.0.0.1:3000"
         let c = parse(MINIMAL).unwrap();
         assert!(c.server.trusted_proxies.is_empty());
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(5));
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.server.max_connections, 10_000);
         assert_eq!(c.server.upgrade_protocols, ["websocket"]);
@@ -2111,6 +2119,7 @@ upstream = "http://127.0.0.1:3000"
 listen = "[::]:8080"
 trusted_proxies = ["10.0.0.0/8", "192.168.1.7", "::1", "fd00::/8", "${HOST}"]
 header_read_timeout = "500ms"
+shutdown_delay = "0s"
 shutdown_timeout = "1h30m"
 max_connections = 5
 [admin]
@@ -2162,6 +2171,7 @@ timeout = "2m"
             ]
         );
         assert_eq!(c.server.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5400));
         assert_eq!(c.server.max_connections, 5);
         assert_eq!(

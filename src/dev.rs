@@ -76,6 +76,8 @@ pub async fn run(
     config.server.listen = listen;
     config.admin.listen = admin;
     config.tokens.secret = Secret::from(secret.to_vec());
+    // Nothing balances traffic to a playground: Ctrl-C stops it at once.
+    config.server.shutdown_delay = std::time::Duration::ZERO;
     config.routes = vec![
         route("/", AuthMode::Required),
         route("/public", AuthMode::Public),

@@ -176,6 +176,7 @@ fn keep_restart_keys(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("server.workers", server.workers);
     keep!("server.header_read_timeout", server.header_read_timeout);
     keep!("server.h2_idle_timeout", server.h2_idle_timeout);
+    keep!("server.shutdown_delay", server.shutdown_delay);
     keep!("server.shutdown_timeout", server.shutdown_timeout);
     keep!("server.max_header_bytes", server.max_header_bytes);
     changed

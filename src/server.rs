@@ -70,7 +70,8 @@ pub enum RunError {
     Passwords(#[from] crate::auth::password::PasswordError),
 }
 
-/// Runs the gateway until `shutdown` resolves, then stops accepting, lets in-flight requests
+/// Runs the gateway until `shutdown` resolves, then answers `/readyz` with 503 for
+/// `server.shutdown_delay` while still serving, then stops accepting, lets in-flight requests
 /// finish (bounded by `server.shutdown_timeout`) and returns.
 pub async fn run(
     config: Config,
@@ -100,6 +101,7 @@ pub async fn run_with_reload(
         h2_idle_timeout: config.server.h2_idle_timeout,
     };
     let routes = config.routes.len();
+    let shutdown_delay = config.server.shutdown_delay;
     let workers = config.server.workers;
     metrics.set_workers(workers);
     let gateway = Arc::new(Gateway::new(
@@ -108,8 +110,20 @@ pub async fn run_with_reload(
         metrics.clone(),
         stop_rx.clone(),
     ));
+    // Shutdown in two steps: first `/readyz` turns 503 while both listeners keep serving for
+    // `server.shutdown_delay` (load balancers need that long to take this replica out), then
+    // the accept loops stop and drain.
+    let (draining_tx, draining_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        let _ = draining_tx.send(true);
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                delay = ?shutdown_delay,
+                "readyz now answers 503; serving for server.shutdown_delay before draining"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+        }
         let _ = stop_tx.send(true);
     });
     if let Some(source) = reload {
@@ -128,7 +142,7 @@ pub async fn run_with_reload(
         "keycard started"
     );
 
-    let admin_state = Arc::new(crate::admin::Admin::new(store, metrics));
+    let admin_state = Arc::new(crate::admin::Admin::new(store, metrics, draining_rx));
     // `max_connections` counts each listener on its own; the public listener's event loops
     // share one count.
     let admin = tokio::spawn(serve(

@@ -808,6 +808,9 @@ impl GatewayOpts {
             .parse()
             .unwrap_or_else(|e| panic!("{store_url}: {e}"));
         c.store.timeout = Duration::from_secs(1);
+        // No load balancer to wait for: shutdown starts draining at once (tests of the delay
+        // set it).
+        c.server.shutdown_delay = Duration::ZERO;
         c.tokens.secret = Secret::from(SECRET.as_bytes().to_vec());
         c.passwords.memory_kib = 64;
         c.passwords.iterations = 1;
@@ -919,7 +922,7 @@ impl GatewayOpts {
         };
         let mut out = format!(
             "[server]\nlisten = {}\ntrusted_proxies = {}\nheader_read_timeout = {}\n\
-             shutdown_timeout = {}\nworkers = {}\nmax_connections = {}\nmax_header_bytes = {}\n\
+             shutdown_delay = {}\nshutdown_timeout = {}\nworkers = {}\nmax_connections = {}\nmax_header_bytes = {}\n\
              max_target_bytes = {}\nmax_auth_body_bytes = {}\nupgrade_recheck = {}\n\
              upgrade_protocols = {}\nbody_read_timeout = {}\nbody_idle_timeout = {}\n\
              h2_idle_timeout = {}\n\n[admin]\nlisten = {}\n\n\
@@ -935,6 +938,7 @@ impl GatewayOpts {
             q(&s.listen.to_string()),
             list(s.trusted_proxies.iter().map(|n| n.to_string()).collect()),
             ms(s.header_read_timeout),
+            ms(s.shutdown_delay),
             ms(s.shutdown_timeout),
             s.workers,
             s.max_connections,
