@@ -39,7 +39,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 
 COPY --from=build /build/target/release/keycard /usr/local/bin/keycard
 # Default config (the sidecar example: Redis on 127.0.0.1:6379, app on 127.0.0.1:3000, secret
-# from $KEYCARD_SECRET). Mount your own over it, e.g. from a ConfigMap.
+# from $KEYCARD_SECRET). Mount your own over it, e.g. from a ConfigMap (deploy/kubernetes/).
 COPY config/keycard.toml /etc/keycard/keycard.toml
 
 ENV KEYCARD_CONFIG=/etc/keycard/keycard.toml

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need, then runs every check CI runs: fmt, clippy, all tests.
+# Installs what the tests need, then runs every check CI runs: fmt, clippy, the deploy lint,
+# all tests.
 # The integration tests start a real redis-server (and run PyJWT); they fail, never skip,
 # without them.
 set -euo pipefail
@@ -28,6 +29,9 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+
+echo "==> scripts/lint-deploy.sh (Kubernetes manifests: kubernetes-validate; Dockerfile: hadolint)"
+scripts/lint-deploy.sh
 
 echo "==> cargo test"
 mkdir -p target
