@@ -818,6 +818,15 @@ impl Config {
                     .to_owned(),
             );
         }
+        // keycard's own tokens and the `[[issuers]]`' are accepted side by side; with an HS*
+        // key, every party that checks keycard's tokens (the issuers' side of a federation,
+        // services beside it) must hold the very secret that mints them.
+        if is_hmac(self.tokens.algorithm) && !self.issuers.is_empty() {
+            warnings.push(format!(
+                "tokens.algorithm is {:?} with [[issuers]] configured: an HS key must be shared                  with whoever verifies keycard's tokens, and anyone holding it can mint them for                  any user; an asymmetric key (RS256, ES256, EdDSA) lets others verify with the                  public JWKS instead",
+                self.tokens.algorithm
+            ));
+        }
         if self.tokens.access_ttl > Duration::from_secs(3600) {
             warnings.push(format!(
                 "tokens.access_ttl is {}: a copied access token is good that long unless it is \

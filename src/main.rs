@@ -78,6 +78,10 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            // What `keycard check` warns about, in the log where operators will see it.
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             block_on(async move {
                 let listeners = keycard::Listeners {
                     server: bind_shared(config.server.listen)

@@ -515,10 +515,14 @@ fn check_accepts_the_shipped_config_and_prints_routes() {
 #[test]
 fn check_warns_about_valid_but_risky_settings() {
     let dir = temp_dir();
-    // memory://, open registration, no TLS and no trusted proxy, a 2 h access token: four
-    // warnings.
+    // memory://, open registration, no TLS and no trusted proxy, a 2 h access token, an HS
+    // key beside [[issuers]]: five warnings.
     let mut risky = GatewayOpts::new("memory://", "http://127.0.0.1:9");
     risky.tokens.access_ttl = Duration::from_secs(7200);
+    risky.issuers = vec![keycard::config::IssuerConfig {
+        issuer: "https://idp.example".to_owned(),
+        ..Default::default()
+    }];
     // A redis store, registration off, a trusted proxy, 15 m: none.
     let mut careful = GatewayOpts::new("redis://127.0.0.1:6379/0", "http://127.0.0.1:9");
     careful.registration.enabled = false;
@@ -540,6 +544,7 @@ fn check_warns_about_valid_but_risky_settings() {
                 "registration.enabled",
                 "server.trusted_proxies",
                 "tokens.access_ttl = 2h",
+                "tokens.algorithm = HS256 with [[issuers]]",
             ][..],
         ),
         ("careful", careful, &[][..]),
