@@ -151,28 +151,6 @@ fn store_calls(s: &Scrape, op: &str) -> f64 {
     s.value(STORE_COUNT, &[("op", op)])
 }
 
-/// Redis, an echo upstream and a gateway on them.
-struct Stack {
-    gw: Gateway,
-    upstream: Upstream,
-    redis: RedisServer,
-}
-
-impl Stack {
-    async fn start(adjust: impl FnOnce(&mut GatewayOpts)) -> Stack {
-        let redis = RedisServer::new();
-        let upstream = Upstream::start().await;
-        let mut opts = GatewayOpts::new(&redis.url(), &upstream.url());
-        adjust(&mut opts);
-        let gw = Gateway::start(opts).await;
-        Stack {
-            gw,
-            upstream,
-            redis,
-        }
-    }
-}
-
 fn expired_token(sub: &str) -> String {
     let mut c = claims(sub, "access");
     c["iat"] = json!(now() - 7200);
@@ -187,7 +165,7 @@ fn expired_token(sub: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixed_series_exists_at_zero_from_the_start() {
-    let s = Stack::start(|_| {}).await;
+    let s = Stack::start_with(|_| {}).await;
     let m = scrape(&s.gw).await;
     for (family, outcomes) in [
         (
@@ -276,7 +254,7 @@ async fn every_fixed_series_exists_at_zero_from_the_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_token_check_moves_its_decision_and_its_request_series_by_one() {
-    let s = Stack::start(|o| {
+    let s = Stack::start_with(|o| {
         let admin = RouteConfig {
             path: "/admin".into(),
             roles: vec!["admin".into()],
@@ -426,8 +404,8 @@ async fn each_token_check_moves_its_decision_and_its_request_series_by_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_auth_questions_are_decisions_under_the_route_they_ask_about() {
-    let s =
-        Stack::start(|o| o.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await;
+    let s = Stack::start_with(|o| o.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()])
+        .await;
     let gw = &s.gw;
     let (access, _) = gw.user("fwd").await;
     let verify = |uri: Option<&'static str>, token: Option<&str>| {
@@ -479,7 +457,7 @@ async fn forward_auth_questions_are_decisions_under_the_route_they_ask_about() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_methods_are_other_and_a_scan_of_random_urls_adds_no_series() {
-    let s = Stack::start(|_| {}).await;
+    let s = Stack::start_with(|_| {}).await;
     let gw = &s.gw;
     let foo = reqwest::Method::from_bytes(b"FOO").unwrap();
     let resp = gw
@@ -542,7 +520,7 @@ async fn unknown_methods_are_other_and_a_scan_of_random_urls_adds_no_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_registrations_and_refreshes_count_each_outcome() {
-    let s = Stack::start(|_| {}).await;
+    let s = Stack::start_with(|_| {}).await;
     let gw = &s.gw;
     let start = scrape(gw).await;
 
@@ -619,7 +597,7 @@ async fn logins_registrations_and_refreshes_count_each_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttle_hits_say_which_throttle_refused() {
-    let s = Stack::start(|o| {
+    let s = Stack::start_with(|o| {
         o.throttle.user_limit = 3;
         o.throttle.address_limit = 5;
         // X-Forwarded-For is believed from loopback: each phase comes from its own address.
@@ -694,7 +672,7 @@ async fn throttle_hits_say_which_throttle_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_disabled_and_store_errors_are_their_own_outcomes() {
-    let mut s = Stack::start(|o| o.registration.enabled = false).await;
+    let mut s = Stack::start_with(|o| o.registration.enabled = false).await;
     let gw = &s.gw;
     assert_eq!(gw.register("nope", PASSWORD).await.status(), 403);
     s.redis.stop();
@@ -747,7 +725,7 @@ async fn raw_get_keepalive(stream: &mut TcpStream, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_connections_are_counted_while_open_and_in_flight_while_answered() {
-    let s = Stack::start(|_| {}).await;
+    let s = Stack::start_with(|_| {}).await;
     let gw = &s.gw;
     let m = scrape(gw).await;
     assert_eq!(open(&m, "public", "http1"), 0.0);
@@ -799,7 +777,7 @@ async fn http1_connections_are_counted_while_open_and_in_flight_while_answered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_connection_counts_as_h2_not_http1() {
-    let s = Stack::start(|_| {}).await;
+    let s = Stack::start_with(|_| {}).await;
     let gw = &s.gw;
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (mut sender, conn) =

@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Instant;
 
 use support::*;
@@ -134,19 +134,7 @@ impl TlsRedis {
                 text.push('\n');
             }
             std::fs::write(&conf, text).unwrap();
-            let spawned = Command::new("redis-server")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let mut child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    panic!("redis-server not found: run scripts/test.sh, which installs it")
-                }
-                Err(e) => panic!("cannot spawn redis-server: {e}"),
-            };
+            let mut child = spawn_redis_server([&conf]);
             let server = TlsRedis {
                 port,
                 child: match child.try_wait() {

@@ -82,6 +82,28 @@ pub fn closed_addr() -> SocketAddr {
 // Redis
 // ---------------------------------------------------------------------------------------------
 
+/// Starts `redis-server` with `args`, its output discarded. Panics, never skips, when it is not
+/// installed: the tests that need it must fail loudly.
+pub fn spawn_redis_server<I, S>(args: I) -> std::process::Child
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let spawned = Command::new("redis-server")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("redis-server not found: run scripts/test.sh, which installs it")
+        }
+        Err(e) => panic!("cannot spawn redis-server: {e}"),
+    }
+}
+
 /// A real `redis-server` on a loopback port; killed on drop.
 pub struct RedisServer {
     port: u16,
@@ -147,28 +169,16 @@ impl RedisServer {
     }
 
     fn try_start(&mut self) -> Result<(), String> {
-        let spawned = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server not found: run scripts/test.sh, which installs it")
-            }
-            Err(e) => panic!("cannot spawn redis-server: {e}"),
-        };
+        let mut child = spawn_redis_server([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if ping(self.port) {
@@ -357,31 +367,28 @@ impl RedisCluster {
                 continue;
             }
             let conf = self.dir.join(format!("nodes-{port}.conf"));
-            let spawned = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .arg("--cluster-config-file")
-                .arg(&conf)
-                .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
-                .arg("--dir")
-                .arg(&self.dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let mut child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    panic!("redis-server not found: run scripts/test.sh, which installs it")
-                }
-                Err(e) => panic!("cannot spawn redis-server: {e}"),
-            };
+            let (port_text, bus_text) = (port.to_string(), bus.to_string());
+            let node_timeout = node_timeout_ms.to_string();
+            let mut child = spawn_redis_server([
+                "--port".as_ref(),
+                port_text.as_ref(),
+                "--bind".as_ref(),
+                "127.0.0.1".as_ref(),
+                "--save".as_ref(),
+                "".as_ref(),
+                "--appendonly".as_ref(),
+                "no".as_ref(),
+                "--cluster-enabled".as_ref(),
+                "yes".as_ref(),
+                "--cluster-port".as_ref(),
+                bus_text.as_ref(),
+                "--cluster-config-file".as_ref(),
+                conf.as_os_str(),
+                "--cluster-node-timeout".as_ref(),
+                node_timeout.as_ref(),
+                "--dir".as_ref(),
+                self.dir.as_os_str(),
+            ]);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if ping(port) {
