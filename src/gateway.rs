@@ -198,9 +198,9 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => {
                 if error.status().is_server_error() {
-                    tracing::warn!(request_id = ?id, error = %error_chain(&error), "request failed");
+                    tracing::warn!(request_id = id.to_str().unwrap_or("-"), error = %error_chain(&error), "request failed");
                 } else if error.closes_connection() {
-                    tracing::debug!(request_id = ?id, error = %error_chain(&error), "client error");
+                    tracing::debug!(request_id = id.to_str().unwrap_or("-"), error = %error_chain(&error), "client error");
                 }
                 close = error.closes_connection();
                 error.into_response()
