@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::time::Instant;
+
 use serde_json::json;
 use support::*;
 
@@ -387,4 +389,39 @@ async fn a_logout_body_never_stops_the_logout_itself() {
             .unwrap();
     assert_eq!(resp.status(), 200);
     assert_revoked(refresh(&s.gw, &mine).await, "form-named refresh token").await;
+}
+
+/// A refresh whose rotation write outlives `store.timeout` answers 503; the write lands later.
+/// The client's retry must then be a refresh, not "a rotated token used again" (which would
+/// revoke its whole family and log the user out everywhere). Found by the review of issue 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_answered_503_mid_rotation_can_be_retried() {
+    let s = Stack::start().await;
+    let (access, refresh) = s.gw.user("retrier").await;
+    // Writes wait 2.5 s; the gateway's store.timeout is 1 s.
+    let paused = Instant::now();
+    let _: String = s
+        .redis
+        .query(redis::cmd("CLIENT").arg("PAUSE").arg(2500).arg("WRITE"))
+        .await;
+    let first = s.gw.refresh(&refresh).await;
+    assert_eq!(first.status(), 503, "the rotation's answer was lost");
+    // The paused write runs now, and is taken back after it.
+    tokio::time::sleep(
+        (paused + Duration::from_millis(3000)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let retry = s.gw.refresh(&refresh).await;
+    assert_eq!(
+        retry.status(),
+        200,
+        "the retry of a 503 was taken for reuse"
+    );
+    assert_eq!(
+        s.gw.get("/api/x", Some(&access)).await.status(),
+        200,
+        "family revoked"
+    );
+    // The rotation that did succeed holds: the same refresh token again is reuse.
+    assert_eq!(s.gw.refresh(&refresh).await.status(), 401);
 }

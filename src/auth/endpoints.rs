@@ -292,10 +292,12 @@ impl Auth {
                 // Revoking with SET NX both checks and rotates in one round trip: of two
                 // racing uses of one refresh token, exactly one gets a new pair. A refresh
                 // token already rotated and used again was stolen or replayed: its whole
-                // family goes (RFC 9700 §4.14), the thief's tokens and the user's alike.
+                // family goes (RFC 9700 §4.14), the thief's tokens and the user's alike. A
+                // rotation whose answer is lost is taken back (see `Store::rotate`), so the
+                // client's retry of our 503 is not mistaken for that.
                 if !self
                     .store
-                    .revoke(&claims.jti, tokens.revocation_ttl(&claims))
+                    .rotate(&claims.jti, tokens.revocation_ttl(&claims))
                     .await?
                 {
                     self.store

@@ -750,6 +750,50 @@ impl Store {
         written
     }
 
+    /// Rotates a refresh token: revokes `jti` like [`Store::revoke`], true when this call did
+    /// it. When the answer is lost (the store timed out), the write may still land later, and
+    /// the client, told 503, would retry and be taken for a thief replaying a rotated token
+    /// (its whole family revoked). So the write carries a value of its own, and after a lost
+    /// answer it is taken back: a compare-and-delete sent on the same connection, which Redis
+    /// runs after the write if the write ever runs. A revocation someone else wrote (a logout)
+    /// has another value and stays.
+    pub async fn rotate(&self, jti: &str, ttl: Duration) -> Result<bool, StoreError> {
+        if jti.is_empty() {
+            return Ok(false);
+        }
+        let key = self.key("revoked:", jti);
+        // Any value but a logout's "1", told apart from a racing rotation of the same token.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mark = format!("rotated-{nanos:x}");
+        let written = self
+            .timed(StoreOp::Revoke, self.set_nx(&key, &mark, Some(ttl)))
+            .await;
+        self.forget(&key);
+        if written.is_err()
+            && let Backend::Redis(conn) = &self.backend
+        {
+            let (store, conn) = (self.clone(), conn.clone());
+            tokio::spawn(async move {
+                let mut undo = redis::cmd("EVAL");
+                undo.arg(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                     return redis.call('DEL', KEYS[1]) end return 0",
+                )
+                .arg(1)
+                .arg(&key)
+                .arg(&mark);
+                let undone: Result<i64, _> = store.query(&conn, &undo).await;
+                store.forget(&key);
+                if let Err(error) = undone {
+                    tracing::warn!(%error, "cannot take back a refresh rotation whose answer was lost");
+                }
+            });
+        }
+        written
+    }
+
     /// Drops `key` from the revocation cache after keycard wrote it: this process's own
     /// revocations apply to its next request without waiting for Redis's invalidation.
     fn forget(&self, key: &str) {
