@@ -151,6 +151,23 @@ async fn tls_connect(
         .map_err(|_| std::io::Error::other("handshake timed out"))?
 }
 
+/// Sends `GET path` over an open TLS connection (`Connection: close`) and asserts the answer
+/// is an HTTP/1.1 200.
+async fn assert_get_200(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, path: &str) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{path}: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
 /// The leaf certificate `addr` presents to a new connection.
 async fn served_cert(addr: SocketAddr, ca: &Ca) -> CertificateDer<'static> {
     let tls = tls_connect(addr, ca, &[]).await.expect("TLS handshake");
@@ -341,19 +358,7 @@ async fn alpn_offers_h2_and_http1_1_and_both_are_served() {
 
     // ALPN http/1.1: an HTTP/1.1 request is answered in HTTP/1.1.
     let mut tls = tls_connect(gw.addr, &ca, &[b"http/1.1"]).await.unwrap();
-    tls.write_all(b"GET /public/h1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        got.starts_with(b"HTTP/1.1 200"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    assert_get_200(&mut tls, "/public/h1").await;
 }
 
 #[tokio::test]
@@ -444,19 +449,7 @@ async fn reload_swaps_the_certificate_for_new_connections_and_refuses_a_bad_one(
 
     // The old connection still has the first certificate and is still served.
     assert_eq!(old.get_ref().1.peer_certificates().unwrap()[0], first.der);
-    old.write_all(b"GET /public/old HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), old.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        got.starts_with(b"HTTP/1.1 200"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    assert_get_200(&mut old, "/public/old").await;
 
     // A key that is not the certificate's: rejected, counted, and the second one stays.
     let stranger = ca.leaf(&["127.0.0.1"], "stranger");
