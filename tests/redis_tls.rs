@@ -209,15 +209,7 @@ impl TlsRedis {
     fn tracking_client(&self) -> String {
         for _ in 0..100 {
             let list = self.cli(&["CLIENT", "LIST"]);
-            let tracking = list.lines().find_map(|line| {
-                let field = |name: &str| {
-                    line.split(' ')
-                        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-                };
-                field("flags")?
-                    .contains('t')
-                    .then(|| field("id").map(str::to_owned))?
-            });
+            let tracking = tracking_client_id(&list);
             if let Some(id) = tracking {
                 return id;
             }

@@ -137,15 +137,7 @@ async fn command_calls(redis: &RedisServer) -> Vec<(String, u64)> {
 async fn tracking_client(redis: &RedisServer) -> String {
     for _ in 0..100 {
         let list: String = redis.query(redis::cmd("CLIENT").arg("LIST")).await;
-        let tracking = list.lines().find_map(|line| {
-            let field = |name: &str| {
-                line.split(' ')
-                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-            };
-            field("flags")?
-                .contains('t')
-                .then(|| field("id").map(str::to_owned))?
-        });
+        let tracking = tracking_client_id(&list);
         if let Some(id) = tracking {
             return id;
         }

@@ -1686,3 +1686,17 @@ pub async fn assert_revoked(resp: reqwest::Response, what: &str) {
         "{what}"
     );
 }
+
+/// The id of the client with the `t` (tracking) flag in a `CLIENT LIST` reply: keycard's
+/// revocation-cache connection.
+pub fn tracking_client_id(list: &str) -> Option<String> {
+    list.lines().find_map(|line| {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        };
+        field("flags")?
+            .contains('t')
+            .then(|| field("id").map(str::to_owned))?
+    })
+}
